@@ -1,0 +1,153 @@
+"""DistributedModelForCausalLM: a causal LM whose blocks run in the swarm, used like a transformers model."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from transformers import GenerationConfig
+
+from client import loop
+from client.generation import decode_tokens
+from client.route import build_route
+from client.session import Bans, InferenceSession
+from client.settings import ClientSettings
+from client.swarm_view import SwarmView
+from swarm import protocol
+from swarm.client_parts import ClientParts
+from swarm.dht import SwarmDHT
+from swarm.errors import SwarmError
+from swarm.reference import ResolvedModel, resolve_model
+
+
+class DistributedModelForCausalLM:
+    """Embeddings and LM head run here; every transformer block runs on peers found through the DHT."""
+
+    def __init__(self, model: ResolvedModel, settings: ClientSettings):
+        self.model, self.settings = model, settings
+        self.config = model.config
+        self.parts = ClientParts(model, settings.dtype)
+        self.generation_config = GenerationConfig.from_model_config(model.config)
+        self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
+        self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
+        self.view = SwarmView(self.dht, model, settings.refresh_period)
+        self._active: InferenceSession | None = None
+
+    @classmethod
+    def from_pretrained(cls, ref: str | None = None, initial_peers: list[str] | None = None, **settings) -> "DistributedModelForCausalLM":
+        """Resolve `ref` exactly as the peers do (same DHT prefix) and join the swarm as a client."""
+        return cls(resolve_model(ref), ClientSettings(initial_peers=initial_peers or [], **settings))
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """Inside the block, generate() continues this session: history is never resent."""
+        session = InferenceSession(self.view, self.settings, self.bans, max_length)
+        previous, self._active = self._active, session
+        try:
+            yield session
+        finally:
+            self._active = previous
+            loop.run(_close(session))
+
+    def step(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last position after sending new tokens through an open session."""
+        hidden = self.parts.embed(input_ids)
+        output = loop.run(session.step(hidden, attention_mask))
+        return self.parts.logits(output[:, -1])
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        session: InferenceSession | None = None,
+        streamer=None,
+        stop_strings: list[str] | str | None = None,
+        tokenizer=None,
+        **generation_kwargs,
+    ) -> torch.Tensor:
+        """Like transformers' generate for causal LMs: returns the prompt followed by the new tokens.
+
+        `input_ids` is the whole sequence so far; within a session only unseen positions are sent.
+        """
+        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        sequence = input_ids
+        for tokens in self.iter_tokens(input_ids, attention_mask, max_new_tokens, session, stop_strings, tokenizer,
+                                       **generation_kwargs):
+            sequence = torch.cat([sequence, tokens[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+        if streamer is not None:
+            streamer.end()
+        return sequence
+
+    def iter_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        session: InferenceSession | None = None,
+        stop_strings: list[str] | str | None = None,
+        tokenizer=None,
+        **generation_kwargs,
+    ) -> Iterator[torch.Tensor]:
+        """The new tokens of every row, one step at a time, as they are decoded."""
+        config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs})
+        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+        session = session or self._active
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.inference_session(input_ids.shape[1] + max_new_tokens))
+            seen = session.position
+            if seen > input_ids.shape[1]:
+                raise SwarmError(f"the session has seen {seen} positions but input_ids has only {input_ids.shape[1]}")
+            first_logits = session.last_logits if seen == input_ids.shape[1] else None
+            if seen == input_ids.shape[1] and first_logits is None:
+                raise SwarmError("input_ids holds nothing new for this session")
+
+            def next_logits(new_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+                session.last_logits = self.step(session, new_ids, new_mask)
+                return session.last_logits
+
+            yield from decode_tokens(
+                next_logits, input_ids[:, seen:], attention_mask[:, seen:], config, max_new_tokens,
+                stop_strings, tokenizer, first_logits, full_prefix=input_ids[:, :seen],
+            )
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position, through the peers' stateless forward RPC (no session)."""
+        hidden = self.parts.embed(input_ids)
+        output = loop.run(self._forward(hidden, attention_mask))
+        return self.parts.logits(output)
+
+    async def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        await self.view.ensure_fresh()
+        peers = self.view.online_peers()
+        route = build_route(self.model.num_blocks, peers, await self.view.rtts(list(peers)), self.bans.active())
+        for hop in route:
+            request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end),
+                                            *((hidden,) if mask is None else (hidden, mask)))
+            responses = await self.dht.p2p.iterate_protobuf_handler(
+                PeerID.from_base58(hop.peer_id), protocol.FORWARD, request, runtime_pb2.ExpertResponse)
+            message, tensors = protocol.unpack_response(await anext(responses))
+            if isinstance(message, protocol.ErrorReply):
+                raise SwarmError(f"peer {hop.peer_id[-8:]} failed blocks {hop.start}:{hop.end}: {message.message}")
+            hidden = tensors[0]
+        return hidden
+
+    def close(self) -> None:
+        loop.run(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        await self.view.close()
+        await self.dht.shutdown()
+
+
+async def _close(session: InferenceSession) -> None:
+    session.close()

@@ -1,0 +1,81 @@
+"""Routing: the cheapest chain of peers that covers every block, by estimated time per decode step."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from swarm.dht import PeerRecord
+from swarm.errors import RouteError
+
+DEFAULT_RTT = 0.05  # seconds assumed for a peer whose round trip we could not measure yet
+JITTER = 0.1  # routes within ~10% of the best cost are chosen at random, to spread load
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer_id: str
+    start: int
+    end: int
+
+
+def build_route(
+    num_blocks: int,
+    peers: dict[str, PeerRecord],
+    rtts: dict[str, float],
+    banned: set[str] = frozenset(),
+    first: int = 0,
+    last: int | None = None,
+    rng: random.Random | None = None,
+) -> list[Hop]:
+    """Shortest path over block boundaries; an edge is one peer running blocks [i, j) of its span.
+
+    Cost of an edge: the peer's round trip plus (j - i) / its announced throughput. Fewer hops win
+    when peers are alike, because every hop pays a round trip.
+    """
+    last = num_blocks if last is None else last
+    rng = rng or random.Random()
+    best: list[tuple[float, Hop | None]] = [(float("inf"), None)] * (last + 1)
+    best[first] = (0.0, None)
+    candidates = [
+        (peer_id, record.announcement, rtts.get(peer_id, DEFAULT_RTT) * (1 + JITTER * rng.random()))
+        for peer_id, record in peers.items()
+        if peer_id not in banned
+    ]
+    for i in range(first, last):
+        if best[i][0] == float("inf"):
+            continue
+        for peer_id, record, rtt in candidates:
+            if not record.start <= i < record.end:
+                continue
+            speed = max(record.throughput, 1e-3) * (1 + JITTER * rng.random())
+            for j in range(i + 1, min(record.end, last) + 1):
+                cost = best[i][0] + rtt + (j - i) / speed
+                if cost < best[j][0]:
+                    best[j] = (cost, Hop(peer_id, i, j))
+    if best[last][0] == float("inf"):
+        raise RouteError(_explain_gap(first, last, peers, banned))
+    hops, position = [], last
+    while position != first:
+        hop = best[position][1]
+        hops.append(hop)
+        position = hop.start
+    return hops[::-1]
+
+
+def _explain_gap(first: int, last: int, peers: dict[str, PeerRecord], banned: set[str]) -> str:
+    usable = [r.announcement for p, r in peers.items() if p not in banned]
+    covered = {i for a in usable for i in range(a.start, a.end)}
+    missing = [i for i in range(first, last) if i not in covered]
+    spans = ", ".join(sorted(f"{a.start}:{a.end}" for a in usable)) or "nothing"
+    return f"blocks {_ranges(missing) or '(unreachable)'} are served by nobody; the swarm has {spans}"
+
+
+def _ranges(blocks: list[int]) -> str:
+    parts, start = [], None
+    for k, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if k + 1 == len(blocks) or blocks[k + 1] != b + 1:
+            parts.append(f"{start}" if start == b else f"{start}-{b}")
+            start = None
+    return ", ".join(parts)

@@ -1,0 +1,215 @@
+"""Inference sessions: one stream per hop of a route, KV caches kept by the peers.
+
+The session keeps every input it sent to each hop. When a hop fails it bans the peer, routes
+around the failed blocks and replays those inputs to the new peers, so their caches hold exactly
+what the failed peer's did, and the caller sees nothing but a delay.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from client.route import Hop, build_route
+from client.settings import ClientSettings
+from client.swarm_view import SwarmView
+from swarm import protocol
+from swarm.errors import RouteError, SwarmError
+
+logger = logging.getLogger(__name__)
+
+
+class HopFailed(SwarmError):
+    """A peer failed us: error reply, lost connection, timeout, or it is leaving."""
+
+
+class HopStream:
+    """One open `inference` stream to one peer, for blocks [hop.start, hop.end)."""
+
+    def __init__(self, hop: Hop):
+        self.hop = hop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._responses = None
+
+    async def open(self, view: SwarmView, session_id: str, max_length: int, batch_size: int, timeout: float) -> None:
+        async def requests():
+            while (item := await self._queue.get()) is not None:
+                yield item
+
+        message = protocol.OpenSession(
+            session_id=session_id, start=self.hop.start, end=self.hop.end, max_length=max_length, batch_size=batch_size
+        )
+        self._queue.put_nowait(protocol.pack_request(message))
+        try:
+            self._responses = await asyncio.wait_for(
+                view.dht.p2p.iterate_protobuf_handler(
+                    PeerID.from_base58(self.hop.peer_id), protocol.INFERENCE, requests(), runtime_pb2.ExpertResponse
+                ),
+                timeout,
+            )
+        except Exception as e:
+            raise HopFailed(f"cannot reach peer {self.hop.peer_id[-8:]}: {e or type(e).__name__}") from None
+        await self._receive(protocol.Opened, timeout)
+
+    async def step(self, step: int, session_id: str, hidden: torch.Tensor, mask: torch.Tensor | None, timeout: float):
+        tensors = (hidden,) if mask is None else (hidden, mask)
+        self._queue.put_nowait(protocol.pack_request(protocol.Step(session_id=session_id, step=step), *tensors))
+        _, tensors = await self._receive(protocol.StepResult, timeout)
+        if len(tensors) != 1 or tensors[0].shape != hidden.shape:
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
+        return tensors[0]
+
+    async def _receive(self, expected: type, timeout: float):
+        try:
+            proto = await asyncio.wait_for(anext(self._responses), timeout)
+            message, tensors = protocol.unpack_response(proto)
+        except asyncio.TimeoutError:
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} did not answer within {timeout:.0f} s") from None
+        except StopAsyncIteration:
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} closed the session") from None
+        except Exception as e:
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} failed: {e or type(e).__name__}") from None
+        if isinstance(message, protocol.ErrorReply):
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} refused: {message.message}")
+        if isinstance(message, protocol.Leaving):
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} is leaving")
+        if not isinstance(message, expected):
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} sent {message.type!r}, expected {expected.__name__}")
+        return message, tensors
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)  # ends the request stream; the peer frees the cache
+
+
+@dataclass
+class Bans:
+    """Peers that failed recently, each banned for longer every time it fails again."""
+
+    base: float
+    limit: float
+    until: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, peer_id: str) -> None:
+        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
+        seconds = min(self.base * 2 ** (self.strikes[peer_id] - 1), self.limit)
+        self.until[peer_id] = time.monotonic() + seconds
+
+    def active(self) -> set[str]:
+        now = time.monotonic()
+        return {p for p, t in self.until.items() if t > now}
+
+
+class InferenceSession:
+    """A generation's path through the swarm. Opens its streams on the first step (when the batch size is known)."""
+
+    def __init__(self, view: SwarmView, settings: ClientSettings, bans: Bans, max_length: int):
+        self.view, self.settings, self.bans = view, settings, bans
+        self.max_length = max_length
+        self.session_id = uuid.uuid4().hex
+        self.streams: list[HopStream] = []
+        self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # inputs entering block b
+        self.position = 0  # positions sent so far
+        self.steps = 0
+        self.batch_size: int | None = None
+        self.closed = False
+        self.last_logits: torch.Tensor | None = None  # set by generate, to continue without new tokens
+
+    @property
+    def route(self) -> list[Hop]:
+        return [s.hop for s in self.streams]
+
+    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Send new positions through every hop; returns the hidden states after the last block."""
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        if self.position + hidden.shape[1] > self.max_length:
+            raise SwarmError(f"session max_length {self.max_length} exceeded: {self.position} + {hidden.shape[1]} positions")
+        if self.batch_size is None:
+            self.batch_size = hidden.shape[0]
+            await self._open_route(0, self.view.model.num_blocks)
+        index, retries = 0, 0
+        while index < len(self.streams):
+            stream = self.streams[index]
+            self.history.setdefault(stream.hop.start, []).append((hidden, mask))
+            try:
+                hidden = await stream.step(self.steps, self.session_id, hidden, mask, self.settings.step_timeout)
+                index += 1
+            except HopFailed as e:
+                self.history[stream.hop.start].pop()
+                retries += 1
+                if retries > self.settings.max_retries:
+                    raise RouteError(f"gave up on blocks {stream.hop.start}:{stream.hop.end} after {retries - 1} reroutes: {e}") from None
+                logger.warning(f"{e}; rerouting blocks {stream.hop.start}:{stream.hop.end}")
+                self.bans.ban(stream.hop.peer_id)
+                stream.close()
+                await self._replace(index)
+        self.position += hidden.shape[1]
+        self.steps += 1
+        return hidden
+
+    async def _open_route(self, first: int, last: int) -> list[HopStream]:
+        """Open streams that cover [first, last), skipping peers that refuse or fail to answer."""
+        deadline = time.monotonic() + self.settings.route_timeout
+        while True:
+            await self.view.ensure_fresh()
+            peers = self.view.online_peers()
+            rtts = await self.view.rtts(list(peers))
+            try:
+                hops = build_route(self.view.model.num_blocks, peers, rtts, self.bans.active(), first, last)
+            except RouteError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+                await self.view.refresh()
+                continue
+            opened: list[HopStream] = []
+            try:
+                for hop in hops:
+                    stream = HopStream(hop)
+                    await stream.open(self.view, self.session_id, self.max_length, self.batch_size, self.settings.connect_timeout)
+                    opened.append(stream)
+            except HopFailed as e:
+                logger.warning(f"{e}; trying another route")
+                self.bans.ban(hop.peer_id)
+                for stream in opened:
+                    stream.close()
+                continue
+            if first == 0 and last == self.view.model.num_blocks:
+                self.streams = opened
+            return opened
+
+    async def _replace(self, index: int) -> None:
+        """Route around the failed hop and replay its inputs so the new peers' caches catch up."""
+        failed = self.streams[index].hop
+        replay = self.history.get(failed.start, [])
+        while True:
+            new = await self._open_route(failed.start, failed.end)
+            try:
+                for stream in new:
+                    outputs = []
+                    for step, (hidden, mask) in enumerate(replay):
+                        outputs.append((await stream.step(step, self.session_id, hidden, mask, self.settings.step_timeout), mask))
+                    if stream.hop.end != failed.end:
+                        self.history[stream.hop.end] = outputs
+                    replay = outputs
+                break
+            except HopFailed as e:
+                logger.warning(f"{e} during replay; trying another route")
+                self.bans.ban(stream.hop.peer_id)
+                for s in new:
+                    s.close()
+                replay = self.history.get(failed.start, [])
+        self.streams[index : index + 1] = new
+
+    def close(self) -> None:
+        if not self.closed:
+            for stream in self.streams:
+                stream.close()
+            self.closed = True

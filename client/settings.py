@@ -1,0 +1,18 @@
+"""Client settings: timeouts and retry limits, with defaults documented in docs/operations.md."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClientSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    initial_peers: list[str] = Field(min_length=1)
+    dtype: str = "float32"
+    connect_timeout: float = Field(default=10.0, gt=0, description="seconds to open a session on a peer")
+    step_timeout: float = Field(default=30.0, gt=0, description="seconds a peer gets to answer one step")
+    route_timeout: float = Field(default=5.0, ge=0, description="seconds to wait for missing blocks to appear")
+    max_retries: int = Field(default=8, ge=0, description="reroutes one step may take before giving up")
+    ban_seconds: float = Field(default=15.0, gt=0, description="first ban of a failed peer; doubles on each repeat")
+    max_ban_seconds: float = Field(default=300.0, gt=0)
+    refresh_period: float = Field(default=3.0, gt=0, description="seconds between background swarm view refreshes")

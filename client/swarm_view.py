@@ -1,0 +1,87 @@
+"""What the client knows about the swarm: who serves which blocks of its model, and how far away they are."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm import protocol
+from swarm.dht import PeerRecord, SwarmDHT
+from swarm.records import PeerState
+from swarm.reference import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmView:
+    """A fresh-enough copy of the model's block records plus measured round-trip times."""
+
+    def __init__(self, dht: SwarmDHT, model: ResolvedModel, refresh_period: float = 3.0, rtt_ttl: float = 60.0):
+        self.dht, self.model = dht, model
+        self.refresh_period, self.rtt_ttl = refresh_period, rtt_ttl
+        self.blocks: list[dict[str, PeerRecord]] = [{} for _ in range(model.num_blocks)]
+        self.updated_at = 0.0
+        self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
+        self._refresher: asyncio.Task | None = None
+
+    async def refresh(self) -> None:
+        self.blocks = await self.dht.read_blocks(self.model.dht_prefix, self.model.num_blocks)
+        self.updated_at = time.monotonic()
+
+    async def ensure_fresh(self) -> None:
+        if time.monotonic() - self.updated_at > self.refresh_period:
+            await self.refresh()
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._keep_fresh())
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_period)
+            try:
+                await self.refresh()
+            except Exception as e:
+                logger.debug(f"swarm view refresh failed: {e}")
+
+    def online_peers(self) -> dict[str, PeerRecord]:
+        """Every peer announcing itself online for this model, by peer id."""
+        peers: dict[str, PeerRecord] = {}
+        for block in self.blocks:
+            for peer_id, record in block.items():
+                if record.announcement.state == PeerState.online:
+                    peers[peer_id] = record
+        return peers
+
+    async def rtts(self, peer_ids: list[str]) -> dict[str, float]:
+        """Round-trip times in seconds (an info call each), cached; unreachable peers are left out."""
+        now = time.monotonic()
+        stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl]
+        if stale:
+            results = await asyncio.gather(*(self._ping(p) for p in stale))
+            for peer_id, rtt in zip(stale, results):
+                if rtt is not None:
+                    self._rtt[peer_id] = (rtt, now)
+                else:
+                    self._rtt.pop(peer_id, None)
+        return {p: self._rtt[p][0] for p in peer_ids if p in self._rtt}
+
+    async def _ping(self, peer_id: str, timeout: float = 3.0) -> float | None:
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                self.dht.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer_id), protocol.INFO,
+                    protocol.pack_request(protocol.InfoRequest()), runtime_pb2.ExpertResponse,
+                ),
+                timeout,
+            )
+        except Exception as e:
+            logger.debug(f"peer {peer_id[-8:]} did not answer: {e}")
+            return None
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()

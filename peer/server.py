@@ -1,0 +1,161 @@
+"""One peer's life: join the DHT, pick and load blocks, announce, serve, and leave cleanly."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+from rich.progress import Progress
+
+import swarm
+from peer.announcer import Announcer
+from peer.placement import Coverage, best_start, should_move
+from peer.rpc import PeerService
+from peer.sessions import SessionRegistry
+from peer.settings import PeerSettings
+from peer.throughput import measure_throughput
+from swarm import protocol
+from swarm.dht import SwarmDHT
+from swarm.errors import SwarmError
+from swarm.records import PeerState
+from swarm.reference import ResolvedModel, resolve_model
+from swarm.span import Span
+from swarm.weights import check_span
+
+logger = logging.getLogger("swarm-serve")
+
+
+class Peer:
+    def __init__(self, settings: PeerSettings):
+        self.settings = settings
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.sessions = SessionRegistry(settings.max_cache_tokens)
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        settings, loop = self.settings, asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model = await loop.run_in_executor(self.compute, resolve_model, settings.model)
+        self.dht = await SwarmDHT.create(
+            settings.initial_peers,
+            host=settings.host,
+            port=settings.port,
+            announce_maddrs=settings.announce_maddrs,
+            identity_path=str(settings.identity) if settings.identity else None,
+        )
+        try:
+            await self._serve(model)
+        finally:
+            await self.dht.shutdown()
+            self.compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, model: ResolvedModel) -> None:
+        settings, loop = self.settings, asyncio.get_running_loop()
+        for maddr in await self.dht.visible_maddrs():
+            print(f"listening on {maddr}", flush=True)
+        start, end = settings.span or await self._choose_span(model)
+        check_span(model, start, end)
+        self.announcer = Announcer(self.dht, model, settings.dtype, settings.public_name, settings.announce_period)
+        self.announcer.start, self.announcer.end = start, end
+        self.announcer.cache_tokens_left = lambda: self.sessions.tokens_left
+        await self.announcer.announce(PeerState.joining)
+        logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix})")
+
+        span = await self._load(model, start, end)
+        self.announcer.throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
+        self.service = PeerService(span, self.sessions, self.compute, lambda: self._info(model), settings.session_idle_timeout)
+        await self.service.register(self.dht.p2p)
+        await self.announcer.announce(PeerState.online)
+        tasks = [asyncio.create_task(self.announcer.run())]
+        if settings.span is None:
+            tasks.append(asyncio.create_task(self._rebalance(model)))
+        print(f"ready: serving {model.name} blocks {start}:{end} as {self.dht.peer_id} "
+              f"({self.announcer.throughput:.1f} block-steps/s)", flush=True)
+
+        await self.stopping.wait()
+        logger.info("shutting down: announcing offline and draining open sessions")
+        self.sessions.accepting = False
+        for task in tasks:
+            task.cancel()
+        try:
+            await asyncio.wait_for(self.announcer.announce(PeerState.offline), timeout=5)
+        except Exception as e:
+            logger.warning(f"could not announce offline: {e}")
+        await self.service.drain(settings.shutdown_grace)
+
+    async def _choose_span(self, model: ResolvedModel) -> tuple[int, int]:
+        length = self.settings.num_blocks or blocks_that_fit(model, self.settings)
+        blocks = await self.dht.read_blocks(model.dht_prefix, model.num_blocks)
+        start = best_start(Coverage.from_records(blocks, exclude=str(self.dht.peer_id)), length)
+        return start, min(start + length, model.num_blocks)
+
+    async def _load(self, model: ResolvedModel, start: int, end: int) -> Span:
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"loading blocks {start}:{end}", total=end - start)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.compute,
+                lambda: Span(model, start, end, self.settings.dtype, self.settings.device,
+                             on_block_loaded=lambda _: progress.advance(task)),
+            )
+
+    async def _rebalance(self, model: ResolvedModel) -> None:
+        """Move to uncovered blocks when this peer only duplicates others and no session is open here."""
+        while True:
+            await asyncio.sleep(self.settings.rebalance_period)
+            try:
+                blocks = await self.dht.read_blocks(model.dht_prefix, model.num_blocks)
+                coverage = Coverage.from_records(blocks, exclude=str(self.dht.peer_id))
+                peers_seen = {pid for block in blocks for pid in block} - {str(self.dht.peer_id)}
+                logger.info(f"swarm: {len(peers_seen)} other peers serve {model.name}; "
+                            f"blocks served by nobody else: {[i for i, n in enumerate(coverage.peers) if n == 0]}")
+                old_start, old_end = self.announcer.start, self.announcer.end
+                new_start = should_move(coverage, old_start, old_end)
+                if new_start is None or self.sessions.sessions:
+                    continue
+                new_end = new_start + (old_end - old_start)
+                logger.info(f"moving from blocks {old_start}:{old_end} to {new_start}:{new_end} to fill a gap")
+                self.service.span = await self._load(model, new_start, new_end)
+                self.announcer.start, self.announcer.end = new_start, new_end
+                await self.announcer.withdraw(old_start, old_end)
+                await self.announcer.announce(PeerState.online)
+            except Exception as e:
+                logger.warning(f"rebalancing check failed: {e}")
+
+    def _info(self, model: ResolvedModel) -> protocol.PeerInfo:
+        return protocol.PeerInfo(
+            model=model.name,
+            dht_prefix=model.dht_prefix,
+            start=self.announcer.start,
+            end=self.announcer.end,
+            version=swarm.__version__,
+            dtype=self.settings.dtype,
+            public_name=self.settings.public_name,
+            throughput=self.announcer.throughput,
+            cache_tokens_left=self.sessions.tokens_left,
+            max_cache_tokens=self.sessions.max_cache_tokens,
+            open_sessions=len(self.sessions.sessions),
+        )
+
+
+def blocks_that_fit(model: ResolvedModel, settings: PeerSettings) -> int:
+    """As many blocks as half of the free memory holds, after the cache budget."""
+    from swarm.families import family_of
+
+    with torch.device("meta"):
+        layer = family_of(model.config).decoder_layer(model.config, layer_idx=0)
+    itemsize = torch.finfo(getattr(torch, settings.dtype)).bits // 8
+    block_bytes = sum(p.numel() for p in layer.parameters()) * itemsize
+    kv_bytes_per_block = 2 * model.config.num_key_value_heads * (
+        getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    ) * itemsize * settings.max_cache_tokens
+    budget = psutil.virtual_memory().available // 2
+    fit = budget // (block_bytes + kv_bytes_per_block)
+    if fit < 1:
+        raise SwarmError(f"not enough memory for one block of {model.name} ({block_bytes >> 20} MiB + cache)")
+    return int(min(fit, model.num_blocks))

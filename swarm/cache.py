@@ -1,0 +1,50 @@
+"""The KV cache of one session on one span. Its owner (a peer, per session) decides its lifetime."""
+from __future__ import annotations
+
+import torch
+
+
+class SpanCache:
+    """Preallocated keys and values for every block of a span, plus which positions hold real tokens.
+
+    Preallocation makes a session's memory known when it opens, so a peer can refuse what it cannot
+    hold instead of running out of memory halfway through a generation.
+    """
+
+    def __init__(
+        self,
+        first_block: int,
+        num_blocks: int,
+        batch_size: int,
+        max_length: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_blocks, batch_size, num_kv_heads, max_length, head_dim)
+        self.first_block = first_block
+        self.max_length = max_length
+        # empty, not zeros: allocation is instant and positions past `length` are never read
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.length = 0  # positions filled, real or padding
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        """Token slots this cache reserves: what a peer's cache budget counts."""
+        return self.batch_size * self.max_length
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called by transformers' attention: store the new positions, return all positions so far."""
+        block = layer_idx - self.first_block
+        end = self.length + keys.shape[2]
+        self.keys[block, :, :, self.length : end] = keys
+        self.values[block, :, :, self.length : end] = values
+        return self.keys[block, :, :, :end], self.values[block, :, :, :end]

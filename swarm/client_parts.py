@@ -1,0 +1,40 @@
+"""The parts of a model a client runs itself: token embeddings, the final norm and the LM head."""
+from __future__ import annotations
+
+import torch
+
+from swarm.dtypes import to_torch_dtype
+from swarm.errors import WeightsError
+from swarm.families import family_of
+from swarm.reference import ResolvedModel
+from swarm.weights import load_client_weights
+
+
+class ClientParts(torch.nn.Module):
+    """Ids -> hidden states before the blocks, and hidden states -> logits after them."""
+
+    def __init__(self, model: ResolvedModel, dtype: str = "float32"):
+        super().__init__()
+        config = model.config
+        weights = load_client_weights(model)
+        self.dtype = to_torch_dtype(dtype)
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(weights["model.embed_tokens.weight"], freeze=True)
+        self.norm = family_of(config).norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm.load_state_dict({"weight": weights["model.norm.weight"]})
+        head = weights.get("lm_head.weight")
+        if head is None:
+            if not getattr(config, "tie_word_embeddings", False):
+                raise WeightsError(f"{model.name}: no lm_head.weight and the config does not tie embeddings")
+            head = weights["model.embed_tokens.weight"]
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
+        self.to(self.dtype).eval()
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits, whatever the dtype, so that sampling behaves the same everywhere."""
+        return self.lm_head(self.norm(hidden.to(self.dtype))).float()

@@ -1,0 +1,141 @@
+"""Joining the swarm's DHT, and reading and writing its records. Peers, clients and tools all use this."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+from swarm.errors import SwarmError
+from swarm.records import (
+    REGISTRY_KEY,
+    BlockAnnouncement,
+    ModelRegistration,
+    RecordSchemaValidator,
+    block_key,
+    parse_record,
+    peer_id_of_subkey,
+)
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """One peer's announcement of a model, as read back from the DHT."""
+
+    peer_id: str
+    announcement: BlockAnnouncement
+    expiration_time: float
+
+
+class SwarmDHT:
+    """A DHT node in our swarm: its own p2pd, our record validators, and typed reads and writes."""
+
+    def __init__(self, p2p: P2P, node: DHTNode, signer: RSASignatureValidator):
+        self.p2p, self.node, self.signer = p2p, node, signer
+
+    @classmethod
+    async def create(
+        cls,
+        initial_peers: list[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        announce_maddrs: list[str] | None = None,
+        identity_path: str | None = None,
+        client_mode: bool = False,
+    ) -> "SwarmDHT":
+        try:
+            p2p = await P2P.create(
+                initial_peers=initial_peers or None,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                announce_maddrs=announce_maddrs or None,
+                identity_path=identity_path,
+                use_relay=False,
+                use_auto_relay=False,
+                auto_nat=False,
+                nat_port_map=False,
+                dht_mode="client" if client_mode else "server",
+                startup_timeout=30,
+            )
+        except Exception as e:
+            raise SwarmError(f"cannot start the p2p daemon or reach {', '.join(initial_peers) or 'the swarm'}: {e}") from None
+        signer = RSASignatureValidator()
+        try:
+            node = await DHTNode.create(
+                p2p=p2p,
+                initial_peers=initial_peers or None,
+                client_mode=client_mode,
+                record_validator=CompositeValidator([signer, RecordSchemaValidator()]),
+                wait_timeout=5,
+            )
+        except Exception as e:
+            await p2p.shutdown()
+            raise SwarmError(f"cannot join the swarm through {', '.join(initial_peers)}: {e}") from None
+        return cls(p2p, node, signer)
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.p2p.peer_id
+
+    def own_subkey(self, prefix: str = "") -> str:
+        """A subkey only this node can write: hivemind's validator checks the embedded public key."""
+        return f"{prefix}{self.peer_id}{self.signer.local_public_key.decode()}"
+
+    async def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+
+    async def announce_blocks(self, dht_prefix: str, record: BlockAnnouncement, expiration_time: float) -> None:
+        keys = [block_key(dht_prefix, i) for i in range(record.start, record.end)]
+        value = record.model_dump(mode="json")
+        subkey = self.own_subkey()
+        await self.node.store_many(keys, [value] * len(keys), expiration_time, subkeys=[subkey] * len(keys))
+
+    async def register_model(self, registration: ModelRegistration, expiration_time: float) -> None:
+        subkey = self.own_subkey(f"{registration.dht_prefix} ")
+        await self.node.store(REGISTRY_KEY, registration.model_dump(mode="json"), expiration_time, subkey=subkey)
+
+    async def read_blocks(self, dht_prefix: str, num_blocks: int) -> list[dict[str, PeerRecord]]:
+        """For every block, the peers announcing it (newest record per peer id), in one batched lookup."""
+        keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
+        found = await self.node.get_many(keys, sufficient_expiration_time=float("inf"))
+        now = get_dht_time()
+        blocks: list[dict[str, PeerRecord]] = []
+        for key in keys:
+            peers: dict[str, PeerRecord] = {}
+            entry = found.get(key)
+            if entry is not None and isinstance(entry.value, dict):
+                for subkey, item in entry.value.items():
+                    record = _parse(item.value, BlockAnnouncement)
+                    peer = peer_id_of_subkey(subkey)
+                    if record is None or item.expiration_time < now:
+                        continue
+                    if peer not in peers or peers[peer].expiration_time < item.expiration_time:
+                        peers[peer] = PeerRecord(peer, record, item.expiration_time)
+            blocks.append(peers)
+        return blocks
+
+    async def read_models(self) -> list[ModelRegistration]:
+        entry = await self.node.get(REGISTRY_KEY, sufficient_expiration_time=float("inf"))
+        models: dict[str, ModelRegistration] = {}
+        if entry is not None and isinstance(entry.value, dict):
+            for item in entry.value.values():
+                record = _parse(item.value, ModelRegistration)
+                if record is not None:
+                    models[record.dht_prefix] = record
+        return sorted(models.values(), key=lambda m: m.name)
+
+    async def shutdown(self) -> None:
+        await self.node.shutdown()
+        await self.p2p.shutdown()
+
+
+def _parse(value: object, kind: type):
+    try:
+        record = parse_record(value)
+    except Exception:
+        return None  # our validator refuses these on store; a stale cache entry may still hold one
+    return record if isinstance(record, kind) else None
+

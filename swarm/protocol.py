@@ -1,0 +1,194 @@
+"""The wire protocol: RPC names, message metadata (pydantic, validated on the way in) and tensor framing.
+
+Every message is a hivemind `ExpertRequest` / `ExpertResponse` protobuf: `metadata` holds one of the
+JSON messages below, `tensors` the hidden states (and an optional attention mask) uncompressed.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from swarm.errors import ProtocolError
+
+INFERENCE = "swarm.inference"  # bidirectional stream: one session
+FORWARD = "swarm.forward"  # one request, one response: a whole sequence, no cache
+INFO = "swarm.info"  # unary: what a peer serves and how loaded it is
+
+MAX_BATCH = 64
+MAX_LENGTH = 65_536  # positions in one session
+MAX_STEP_TOKENS = 16_384  # batch x new positions in one message
+MAX_MESSAGE_BYTES = 256 * 1024**2
+HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
+MASK_DTYPES = {"bool", "int64", "int32"}
+SESSION_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OpenSession(_Message):
+    """First message of an inference stream. The hop may use only part of the peer's span."""
+
+    type: Literal["open"] = "open"
+    session_id: str = Field(pattern=SESSION_ID)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    max_length: int = Field(gt=0, le=MAX_LENGTH)
+    batch_size: int = Field(gt=0, le=MAX_BATCH)
+
+
+class Step(_Message):
+    """New positions of an open session. Tensors: hidden [batch, new, hidden], optional mask [batch, new]."""
+
+    type: Literal["step"] = "step"
+    session_id: str = Field(pattern=SESSION_ID)
+    step: int = Field(ge=0)
+
+
+class ForwardRequest(_Message):
+    """A whole sequence through blocks [start, end), no cache. Tensors as in `Step`."""
+
+    type: Literal["forward"] = "forward"
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+
+class InfoRequest(_Message):
+    type: Literal["info"] = "info"
+
+
+class Opened(_Message):
+    type: Literal["opened"] = "opened"
+    session_id: str
+    cache_tokens_left: int
+
+
+class StepResult(_Message):
+    """Reply to a step or forward request. Tensors: hidden [batch, new, hidden] in the request's dtype."""
+
+    type: Literal["result"] = "result"
+    step: int
+    length: int  # positions the session's cache now holds
+
+
+ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal"]
+
+
+class ErrorReply(_Message):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+
+
+class Leaving(_Message):
+    """Sent on every open stream when a peer shuts down gracefully, so clients move at once."""
+
+    type: Literal["leaving"] = "leaving"
+    message: str = "peer is shutting down"
+
+
+class PeerInfo(_Message):
+    type: Literal["info"] = "info"
+    model: str
+    dht_prefix: str
+    start: int
+    end: int
+    version: str
+    dtype: str
+    public_name: str | None
+    throughput: float
+    cache_tokens_left: int
+    max_cache_tokens: int
+    open_sessions: int
+
+
+Request = Annotated[Union[OpenSession, Step, ForwardRequest, InfoRequest], Field(discriminator="type")]
+Response = Annotated[Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo], Field(discriminator="type")]
+_REQUEST: TypeAdapter = TypeAdapter(Request)
+_RESPONSE: TypeAdapter = TypeAdapter(Response)
+
+
+def pack_request(message: _Message, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        metadata=message.model_dump_json().encode(), tensors=[serialize_torch_tensor(t) for t in tensors]
+    )
+
+
+def pack_response(message: _Message, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        metadata=message.model_dump_json().encode(), tensors=[serialize_torch_tensor(t) for t in tensors]
+    )
+
+
+def unpack_request(proto: runtime_pb2.ExpertRequest):
+    """Parse and validate a request; raise ProtocolError naming what is wrong."""
+    return _unpack(proto, _REQUEST)
+
+
+def unpack_response(proto: runtime_pb2.ExpertResponse):
+    return _unpack(proto, _RESPONSE)
+
+
+def _unpack(proto, adapter: TypeAdapter):
+    if proto.ByteSize() > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {proto.ByteSize()} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    try:
+        message = adapter.validate_json(proto.metadata)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'message'}: {err['msg']}" for err in e.errors()[:3])
+        raise ProtocolError(f"invalid message metadata: {problems}") from None
+    return message, [_tensor(t) for t in proto.tensors]
+
+
+def _tensor(proto) -> torch.Tensor:
+    allowed = HIDDEN_DTYPES | MASK_DTYPES
+    if proto.dtype not in allowed:
+        raise ProtocolError(f"tensor dtype {proto.dtype!r} is not allowed; use one of {sorted(allowed)}")
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise ProtocolError("compressed tensors are not accepted")
+    numel = 1
+    for dim in proto.size:
+        numel *= dim
+    itemsize = torch.empty((), dtype=getattr(torch, proto.dtype)).element_size()
+    if len(proto.buffer) != numel * itemsize:
+        raise ProtocolError(f"tensor of shape {list(proto.size)} needs {numel * itemsize} bytes, got {len(proto.buffer)}")
+    try:
+        return deserialize_torch_tensor(proto)
+    except Exception as e:
+        raise ProtocolError(f"unreadable tensor: {e}") from None
+
+
+def check_inputs(
+    tensors: list[torch.Tensor], hidden_size: int, batch_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states and the optional mask of a step or forward request, checked before any compute."""
+    if not 1 <= len(tensors) <= 2:
+        raise ProtocolError(f"expected hidden states and an optional mask, got {len(tensors)} tensors")
+    hidden = tensors[0]
+    if hidden.dim() != 3:
+        raise ProtocolError(f"hidden states must have rank 3 [batch, positions, hidden], got shape {list(hidden.shape)}")
+    if str(hidden.dtype).removeprefix("torch.") not in HIDDEN_DTYPES:
+        raise ProtocolError(f"hidden states must be one of {sorted(HIDDEN_DTYPES)}, got {hidden.dtype}")
+    batch, length, size = hidden.shape
+    if size != hidden_size:
+        raise ProtocolError(f"hidden size {size} does not match the model's {hidden_size}")
+    if batch_size is not None and batch != batch_size:
+        raise ProtocolError(f"batch size {batch} does not match the session's {batch_size}")
+    if length == 0 or batch == 0:
+        raise ProtocolError("empty hidden states")
+    if batch * length > MAX_STEP_TOKENS:
+        raise ProtocolError(f"{batch}x{length} tokens in one message exceed the limit of {MAX_STEP_TOKENS}")
+    if not torch.isfinite(hidden).all():
+        raise ProtocolError("hidden states contain NaN or inf")
+    mask = tensors[1] if len(tensors) == 2 else None
+    if mask is not None:
+        if tuple(mask.shape) != (batch, length):
+            raise ProtocolError(f"mask shape {list(mask.shape)} does not match hidden states {[batch, length]}")
+        if str(mask.dtype).removeprefix("torch.") not in MASK_DTYPES:
+            raise ProtocolError(f"mask must be one of {sorted(MASK_DTYPES)}, got {mask.dtype}")
+    return hidden, mask
