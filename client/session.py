@@ -34,16 +34,17 @@ class HopStream:
 
     def __init__(self, hop: Hop):
         self.hop = hop
+        self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
         self._queue: asyncio.Queue = asyncio.Queue()
         self._responses = None
 
-    async def open(self, view: SwarmView, session_id: str, max_length: int, batch_size: int, timeout: float) -> None:
+    async def open(self, view: SwarmView, max_length: int, batch_size: int, timeout: float) -> None:
         async def requests():
             while (item := await self._queue.get()) is not None:
                 yield item
 
         message = protocol.OpenSession(
-            session_id=session_id, start=self.hop.start, end=self.hop.end, max_length=max_length, batch_size=batch_size
+            session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=max_length, batch_size=batch_size
         )
         self._queue.put_nowait(protocol.pack_request(message))
         try:
@@ -57,9 +58,9 @@ class HopStream:
             raise HopFailed(f"cannot reach peer {self.hop.peer_id[-8:]}: {e or type(e).__name__}") from None
         await self._receive(protocol.Opened, timeout)
 
-    async def step(self, step: int, session_id: str, hidden: torch.Tensor, mask: torch.Tensor | None, timeout: float):
+    async def step(self, step: int, hidden: torch.Tensor, mask: torch.Tensor | None, timeout: float) -> torch.Tensor:
         tensors = (hidden,) if mask is None else (hidden, mask)
-        self._queue.put_nowait(protocol.pack_request(protocol.Step(session_id=session_id, step=step), *tensors))
+        self._queue.put_nowait(protocol.pack_request(protocol.Step(session_id=self.session_id, step=step), *tensors))
         _, tensors = await self._receive(protocol.StepResult, timeout)
         if len(tensors) != 1 or tensors[0].shape != hidden.shape:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
@@ -84,7 +85,18 @@ class HopStream:
         return message, tensors
 
     def close(self) -> None:
-        self._queue.put_nowait(None)  # ends the request stream; the peer frees the cache
+        """End the request stream (the peer frees the cache) and read out what the peer still sends."""
+        self._queue.put_nowait(None)
+        if self._responses is not None:
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(10):
+                async for _ in self._responses:
+                    pass
+        except BaseException:
+            pass  # the peer may be gone already: nothing to free then
 
 
 @dataclass
@@ -112,7 +124,6 @@ class InferenceSession:
     def __init__(self, view: SwarmView, settings: ClientSettings, bans: Bans, max_length: int):
         self.view, self.settings, self.bans = view, settings, bans
         self.max_length = max_length
-        self.session_id = uuid.uuid4().hex
         self.streams: list[HopStream] = []
         self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # inputs entering block b
         self.position = 0  # positions sent so far
@@ -139,7 +150,7 @@ class InferenceSession:
             stream = self.streams[index]
             self.history.setdefault(stream.hop.start, []).append((hidden, mask))
             try:
-                hidden = await stream.step(self.steps, self.session_id, hidden, mask, self.settings.step_timeout)
+                hidden = await stream.step(self.steps, hidden, mask, self.settings.step_timeout)
                 index += 1
             except HopFailed as e:
                 self.history[stream.hop.start].pop()
@@ -173,13 +184,13 @@ class InferenceSession:
             try:
                 for hop in hops:
                     stream = HopStream(hop)
-                    await stream.open(self.view, self.session_id, self.max_length, self.batch_size, self.settings.connect_timeout)
+                    await stream.open(self.view, self.max_length, self.batch_size, self.settings.connect_timeout)
                     opened.append(stream)
             except HopFailed as e:
                 logger.warning(f"{e}; trying another route")
                 self.bans.ban(hop.peer_id)
-                for stream in opened:
-                    stream.close()
+                for failed in [*opened, stream]:
+                    failed.close()
                 continue
             if first == 0 and last == self.view.model.num_blocks:
                 self.streams = opened
@@ -195,7 +206,7 @@ class InferenceSession:
                 for stream in new:
                     outputs = []
                     for step, (hidden, mask) in enumerate(replay):
-                        outputs.append((await stream.step(step, self.session_id, hidden, mask, self.settings.step_timeout), mask))
+                        outputs.append((await stream.step(step, hidden, mask, self.settings.step_timeout), mask))
                     if stream.hop.end != failed.end:
                         self.history[stream.hop.end] = outputs
                     replay = outputs

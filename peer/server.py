@@ -52,7 +52,10 @@ class Peer:
         try:
             await self._serve(model)
         finally:
-            await self.dht.shutdown()
+            try:  # bounded: on Ctrl-C the terminal signals p2pd too, and a dead daemon never answers
+                await asyncio.wait_for(self.dht.shutdown(), timeout=5)
+            except Exception as e:
+                logger.warning(f"p2p daemon did not shut down cleanly: {e!r}")
             self.compute.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self, model: ResolvedModel) -> None:

@@ -1,0 +1,233 @@
+"""swarm-serve as real processes on 127.0.0.1: records, RPCs, bad input, shutdown, placement."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from client import loop
+from peer.launcher import LocalSwarm, start_peer
+from swarm import protocol
+from swarm.dht import SwarmDHT
+from swarm.protocol import ErrorReply, ForwardRequest, Opened, OpenSession, Step, StepResult
+from swarm.records import PeerState
+from swarm.reference import resolve_model
+from swarm.span import Span
+from tests.rpc_helpers import RawStream, forward, info
+
+MODEL = resolve_model("smollm2-135m")
+HIDDEN = MODEL.hidden_size
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    with LocalSwarm(tmp_path_factory.mktemp("peers"), ["--announce-period", "2"]) as local:
+        local.add(["--blocks", "0:10", "--public-name", "first", "--max-cache-tokens", "4096"])
+        local.add(["--blocks", "10:30", "--public-name", "second"])
+        yield local
+
+
+@pytest.fixture(scope="module")
+def dht(swarm):
+    node = loop.run(SwarmDHT.create(swarm.initial_peers, client_mode=True))
+    yield node
+    loop.run(node.shutdown())
+
+
+@pytest.fixture(scope="module")
+def local_span():
+    return Span(MODEL, 0, 10)
+
+
+def wait_for(condition, timeout: float, message: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(message)
+
+
+def test_records_in_dht(swarm, dht):
+    blocks = loop.run(dht.read_blocks(MODEL.dht_prefix, MODEL.num_blocks))
+    first, second = swarm.peers[0].peer_id, swarm.peers[1].peer_id
+    assert all(set(b) == {first} for b in blocks[:10])
+    assert all(set(b) == {second} for b in blocks[10:])
+    record = blocks[3][first].announcement
+    assert (record.state, record.start, record.end) == (PeerState.online, 0, 10)
+    assert record.public_name == "first" and record.dtype == "float32"
+    assert record.throughput > 0 and record.cache_tokens_left == 4096
+    models = loop.run(dht.read_models())
+    assert [(m.name, m.dht_prefix, m.num_blocks) for m in models] == [("smollm2-135m", MODEL.dht_prefix, 30)]
+
+
+def test_info(swarm, dht):
+    reply = info(dht, swarm.peers[0].peer_id)
+    assert (reply.model, reply.start, reply.end, reply.open_sessions) == ("smollm2-135m", 0, 10, 0)
+    assert reply.max_cache_tokens == 4096
+
+
+def test_inference_and_forward_match_local_span(swarm, dht, local_span):
+    torch.manual_seed(0)
+    prompt, steps = torch.randn(1, 7, HIDDEN), [torch.randn(1, 1, HIDDEN) for _ in range(4)]
+    cache = local_span.new_cache(1, 16)
+    expected = [local_span.forward(prompt, cache)] + [local_span.forward(s, cache) for s in steps]
+
+    stream = RawStream(dht, swarm.peers[0].peer_id)
+    opened, _ = stream.send(protocol.pack_request(OpenSession(session_id="match", start=0, end=10, max_length=16, batch_size=1)))
+    assert isinstance(opened, Opened)
+    for i, (inputs, want) in enumerate(zip([prompt, *steps], expected)):
+        reply, tensors = stream.send(protocol.pack_request(Step(session_id="match", step=i), inputs))
+        assert isinstance(reply, StepResult), reply
+        torch.testing.assert_close(tensors[0], want, atol=1e-4, rtol=0)
+    stream.close()
+
+    reply, tensors = forward(dht, swarm.peers[0].peer_id, protocol.pack_request(ForwardRequest(start=0, end=10), prompt))
+    torch.testing.assert_close(tensors[0], local_span.forward(prompt), atol=1e-4, rtol=0)
+    # a hop may use part of a peer's span
+    reply, tensors = forward(dht, swarm.peers[1].peer_id, protocol.pack_request(ForwardRequest(start=12, end=14), prompt))
+    torch.testing.assert_close(tensors[0], Span(MODEL, 12, 14).forward(prompt), atol=1e-4, rtol=0)
+
+
+def bad_inputs():
+    """(name, request factory for session 'victim' with max_length 8 after one good step, expected words)."""
+    good = torch.randn(1, 1, HIDDEN)
+    nan = good.clone()
+    nan[0, 0, 3] = float("nan")
+    inf = good.clone()
+    inf[0, 0, 5] = float("inf")
+    garbage = protocol.pack_request(Step(session_id="victim", step=1), good)
+    garbage.metadata = b"\xff\x00 not json"
+    torn = protocol.pack_request(Step(session_id="victim", step=1), good)
+    torn.tensors[0].buffer = torn.tensors[0].buffer[:100]
+    step = lambda *tensors: protocol.pack_request(Step(session_id="victim", step=1), *tensors)
+    return [
+        ("hidden size", step(torch.randn(1, 1, HIDDEN + 1)), "hidden size"),
+        ("dtype", step(torch.ones(1, 1, HIDDEN, dtype=torch.int64)), "hidden states must be"),
+        ("rank", step(torch.randn(1, HIDDEN)), "rank 3"),
+        ("nan", step(nan), "NaN or inf"),
+        ("inf", step(inf), "NaN or inf"),
+        ("past max length", step(torch.randn(1, 8, HIDDEN)), "max length"),
+        ("unknown session", protocol.pack_request(Step(session_id="nobody", step=1), good), "unknown session"),
+        ("oversized", step(torch.randn(1, protocol.MAX_STEP_TOKENS + 1, HIDDEN)), "exceed the limit"),
+        ("unparseable", garbage, "invalid message metadata"),
+        ("torn tensor", torn, "needs"),
+        ("wrong batch", step(torch.randn(2, 1, HIDDEN)), "batch size"),
+    ]
+
+
+def test_bad_input_never_disturbs_other_sessions(swarm, dht, local_span):
+    peer = swarm.peers[0].peer_id
+    torch.seed()
+    bystander = RawStream(dht, peer)
+    bystander.send(protocol.pack_request(OpenSession(session_id="bystander", start=0, end=10, max_length=64, batch_size=1)))
+    cache = local_span.new_cache(1, 64)
+
+    def bystander_step(i: int):
+        x = torch.randn(1, 1, HIDDEN)
+        reply, tensors = bystander.send(protocol.pack_request(Step(session_id="bystander", step=i), x))
+        assert isinstance(reply, StepResult), reply
+        torch.testing.assert_close(tensors[0], local_span.forward(x, cache), atol=1e-4, rtol=0)
+
+    bystander_step(0)
+    victim = RawStream(dht, peer)
+    victim.send(protocol.pack_request(OpenSession(session_id="victim", start=0, end=10, max_length=8, batch_size=1)))
+    reply, _ = victim.send(protocol.pack_request(Step(session_id="victim", step=0), torch.randn(1, 1, HIDDEN)))
+    assert isinstance(reply, StepResult)
+    for i, (name, request, words) in enumerate(bad_inputs(), start=1):
+        reply, _ = victim.send(request)
+        expected_code = "unknown_session" if name == "unknown session" else "bad_request"
+        assert isinstance(reply, ErrorReply) and reply.code == expected_code, (name, reply)
+        assert words in reply.message, (name, reply.message)
+        bystander_step(i)
+    # the victim's session survives its own bad messages too
+    reply, _ = victim.send(protocol.pack_request(Step(session_id="victim", step=99), torch.randn(1, 1, HIDDEN)))
+    assert isinstance(reply, StepResult) and reply.length == 2
+
+    duplicate = RawStream(dht, peer)
+    reply, _ = duplicate.send(protocol.pack_request(OpenSession(session_id="victim", start=0, end=10, max_length=8, batch_size=1)))
+    assert isinstance(reply, ErrorReply) and reply.code == "duplicate_session"
+    not_open = RawStream(dht, peer)
+    reply, _ = not_open.send(protocol.pack_request(Step(session_id="victim", step=0), torch.randn(1, 1, HIDDEN)))
+    assert isinstance(reply, ErrorReply) and "must open" in reply.message
+    outside = RawStream(dht, peer)
+    reply, _ = outside.send(protocol.pack_request(OpenSession(session_id="outside", start=5, end=12, max_length=8, batch_size=1)))
+    assert isinstance(reply, ErrorReply) and "not within this peer's span" in reply.message
+    reply, _ = forward(dht, peer, protocol.pack_request(ForwardRequest(start=0, end=10), torch.randn(1, 3, HIDDEN - 1)))
+    assert isinstance(reply, ErrorReply) and "hidden size" in reply.message
+    bystander_step(100)
+    for stream in (victim, bystander):
+        stream.close()
+
+
+def test_cache_budget_refuses_at_once(swarm, dht):
+    peer = swarm.peers[0].peer_id
+    holder = RawStream(dht, peer)
+    reply, _ = holder.send(protocol.pack_request(OpenSession(session_id="holder", start=0, end=10, max_length=3000, batch_size=1)))
+    assert isinstance(reply, Opened) and reply.cache_tokens_left == 4096 - 3000
+    refused = RawStream(dht, peer)
+    started = time.monotonic()
+    reply, _ = refused.send(protocol.pack_request(OpenSession(session_id="refused", start=0, end=10, max_length=1000, batch_size=2)))
+    assert isinstance(reply, ErrorReply) and reply.code == "cache_full" and "cache full" in reply.message
+    assert time.monotonic() - started < 5
+    holder.close()  # closing frees the cache: the same session now fits
+    wait_for(lambda: info(dht, peer).cache_tokens_left == 4096, 10, "cache not freed after close")
+    again = RawStream(dht, peer)
+    reply, _ = again.send(protocol.pack_request(OpenSession(session_id="refused", start=0, end=10, max_length=1000, batch_size=2)))
+    assert isinstance(reply, Opened)
+    again.close()
+
+
+def test_sigterm_goes_offline_and_sigkill_expires(swarm, dht, tmp_path):
+    identity = tmp_path / "peer.key"
+    args = ["--initial-peers", swarm.initial_peers[0], "--blocks", "5:7", "--announce-period", "2", "--identity", str(identity)]
+    peer = start_peer(args, tmp_path, "leaving")
+    peer_id = peer.peer_id
+    records = lambda: loop.run(dht.read_blocks(MODEL.dht_prefix, MODEL.num_blocks))[5]
+    wait_for(lambda: peer_id in records(), 10, "new peer never announced")
+    stream = RawStream(dht, peer_id)
+    stream.send(protocol.pack_request(OpenSession(session_id="open", start=5, end=7, max_length=8, batch_size=1)))
+    peer.signal(signal.SIGTERM)
+    reply, _ = stream.receive(timeout=20)
+    assert isinstance(reply, protocol.Leaving)  # open sessions are told, so clients move at once
+    assert peer.process.wait(30) == 0
+    assert records()[peer_id].announcement.state == PeerState.offline
+
+    restarted = start_peer(args, tmp_path, "restarted")
+    assert restarted.peer_id == peer_id  # --identity keeps the peer id
+    wait_for(lambda: records().get(peer_id) and records()[peer_id].announcement.state == PeerState.online, 10, "not online again")
+    restarted.signal(signal.SIGKILL)
+    restarted.process.wait(10)
+    wait_for(lambda: peer_id not in records(), 20, "record of a killed peer did not expire")
+
+
+def test_num_blocks_placement_covers_the_model(tmp_path):
+    with LocalSwarm(tmp_path, ["--announce-period", "2"]) as local:
+        spans = []
+        for _ in range(3):
+            peer = local.add(["--num-blocks", "10"])
+            spans.append(peer.ready_line.split("blocks ")[1].split(" ")[0])
+        assert sorted(spans, key=lambda s: int(s.split(":")[0])) == ["0:10", "10:20", "20:30"]
+
+
+def test_cli_errors(tmp_path):
+    run = lambda *args, env=None: subprocess.run([sys.executable, "-m", "peer.cli", *args], capture_output=True, text=True,
+                                                 timeout=60, env={**os.environ, **(env or {})})
+    result = run()
+    assert result.returncode == 2 and "--new-swarm" in result.stderr and "--initial-peers" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: smollm2-135m\nmax_cache_tokens: -5\n")
+    result = run("--new-swarm", "--config", str(bad))
+    assert result.returncode == 2 and "max_cache_tokens" in result.stderr and str(bad) in result.stderr
+    bad.write_text("no_such_setting: 1\n")
+    result = run("--new-swarm", "--config", str(bad))
+    assert result.returncode == 2 and "no_such_setting" in result.stderr
+    result = run("--new-swarm", "--blocks", "10:5")
+    assert result.returncode == 2 and "blocks" in result.stderr
+    result = run("--new-swarm", "--blocks", "25:31")
+    assert result.returncode == 1 and "out of range" in result.stderr and "Traceback" not in result.stderr

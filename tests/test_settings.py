@@ -1,0 +1,42 @@
+"""Peer settings: flags > SWARM_* environment > YAML file > defaults."""
+import pytest
+
+from peer.settings import load_settings
+from swarm.errors import SwarmError
+
+
+def test_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "peer.yaml"
+    config.write_text("blocks: '0:10'\npublic_name: from-file\nmax_cache_tokens: 100\nannounce_period: 7\n")
+    monkeypatch.setenv("SWARM_PUBLIC_NAME", "from-env")
+    monkeypatch.setenv("SWARM_MAX_CACHE_TOKENS", "200")
+    monkeypatch.setenv("SWARM_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/1/p2p/A, /ip4/127.0.0.1/tcp/2/p2p/B")
+    settings = load_settings(config, {"max_cache_tokens": 300, "blocks": None})
+    assert settings.span == (0, 10)  # file
+    assert settings.announce_period == 7  # file
+    assert settings.public_name == "from-env"  # env beats file
+    assert settings.max_cache_tokens == 300  # flag beats env
+    assert settings.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/127.0.0.1/tcp/2/p2p/B"]
+    assert settings.model == "smollm2-135m" and settings.dtype == "float32"  # defaults
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        ({"blocks": "3:3"}, "blocks"),
+        ({"blocks": "1:2", "num_blocks": 3}, "not both"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"new_swarm": True, "initial_peers": ["/ip4/127.0.0.1/tcp/1"]}, "not both"),
+    ],
+)
+def test_bad_values_name_the_field(flags, words):
+    with pytest.raises(SwarmError, match=words):
+        load_settings(None, flags)
+
+
+def test_bad_yaml(tmp_path):
+    config = tmp_path / "peer.yaml"
+    config.write_text("[unclosed")
+    with pytest.raises(SwarmError, match="peer.yaml"):
+        load_settings(config, {})
