@@ -13,6 +13,22 @@ from transformers.generation.logits_process import (
 )
 
 
+SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id"}
+
+
+def generation_config(base: GenerationConfig, overrides: dict) -> GenerationConfig:
+    """The model's generation config with the caller's overrides, unset values filled as transformers does."""
+    unsupported = sorted(set(overrides) - SUPPORTED)
+    if unsupported:
+        raise ValueError(f"generate does not support {', '.join(unsupported)}; supported: {', '.join(sorted(SUPPORTED))}")
+    config = GenerationConfig(**{**base.to_dict(), **overrides})
+    defaults = GenerationConfig._get_default_generation_params()
+    for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
+        if getattr(config, name) is None:
+            setattr(config, name, defaults[name])
+    return config
+
+
 def logits_processors(config: GenerationConfig) -> LogitsProcessorList:
     """The same processors, in the same order, as transformers' generate builds for these settings."""
     processors = LogitsProcessorList()

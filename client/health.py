@@ -28,7 +28,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from client.route import _ranges
+from client.route import format_ranges
 from swarm import protocol
 from swarm.dht import PeerRecord, SwarmDHT
 from swarm.errors import SwarmError
@@ -111,7 +111,7 @@ def build_report(
                                   announced=target.announced, covered=not missing, blocks=online, uncovered=missing))
         if missing:
             what = f"block {missing[0]} of {target.name} is" if len(missing) == 1 else \
-                f"blocks {_ranges(missing)} of {target.name} are"
+                f"blocks {format_ranges(missing)} of {target.name} are"
             gaps.append(f"{what} served by nobody")
         newest: dict[str, PeerRecord] = {}  # a peer that moved has old blocks marked offline: keep its latest word
         for block in table:

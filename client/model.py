@@ -1,6 +1,7 @@
 """DistributedModelForCausalLM: a causal LM whose blocks run in the swarm, used like a transformers model."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Iterator
 
@@ -10,7 +11,7 @@ from hivemind.proto import runtime_pb2
 from transformers import GenerationConfig
 
 from client import loop
-from client.generation import decode_tokens
+from client.generation import decode_tokens, generation_config
 from client.route import build_route
 from client.session import Bans, InferenceSession
 from client.settings import ClientSettings
@@ -96,7 +97,7 @@ class DistributedModelForCausalLM:
         **generation_kwargs,
     ) -> Iterator[torch.Tensor]:
         """The new tokens of every row, one step at a time, as they are decoded."""
-        config = GenerationConfig(**{**self.generation_config.to_dict(), **generation_kwargs})
+        config = generation_config(self.generation_config, generation_kwargs)
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
@@ -133,13 +134,16 @@ class DistributedModelForCausalLM:
         for hop in route:
             request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end),
                                             *((hidden,) if mask is None else (hidden, mask)))
-            responses = await self.dht.p2p.iterate_protobuf_handler(
-                PeerID.from_base58(hop.peer_id), protocol.FORWARD, request, runtime_pb2.ExpertResponse)
-            message, tensors = protocol.unpack_response(await anext(responses))
+            message, tensors = await asyncio.wait_for(self._call_forward(hop.peer_id, request), self.settings.step_timeout)
             if isinstance(message, protocol.ErrorReply):
                 raise SwarmError(f"peer {hop.peer_id[-8:]} failed blocks {hop.start}:{hop.end}: {message.message}")
             hidden = tensors[0]
         return hidden
+
+    async def _call_forward(self, peer_id: str, request):
+        responses = await self.dht.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer_id), protocol.FORWARD, request, runtime_pb2.ExpertResponse)
+        return protocol.unpack_response(await anext(responses))
 
     def close(self) -> None:
         loop.run(self._shutdown())

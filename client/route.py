@@ -34,26 +34,31 @@ def build_route(
     """
     last = num_blocks if last is None else last
     rng = rng or random.Random()
+    unusable = set(banned) | {p for p in peers if rtts.get(p) == float("inf")}  # banned or not answering
     best: list[tuple[float, Hop | None]] = [(float("inf"), None)] * (last + 1)
     best[first] = (0.0, None)
-    candidates = [
-        (peer_id, record.announcement, rtts.get(peer_id, DEFAULT_RTT) * (1 + JITTER * rng.random()))
+    candidates = [  # jitter drawn once per peer, so one peer's span is never split into several hops
+        (
+            peer_id,
+            record.announcement,
+            rtts.get(peer_id, DEFAULT_RTT) * (1 + JITTER * rng.random()),
+            max(record.announcement.throughput, 1e-3) * (1 + JITTER * rng.random()),
+        )
         for peer_id, record in peers.items()
-        if peer_id not in banned
+        if peer_id not in unusable
     ]
     for i in range(first, last):
         if best[i][0] == float("inf"):
             continue
-        for peer_id, record, rtt in candidates:
+        for peer_id, record, rtt, speed in candidates:
             if not record.start <= i < record.end:
                 continue
-            speed = max(record.throughput, 1e-3) * (1 + JITTER * rng.random())
             for j in range(i + 1, min(record.end, last) + 1):
                 cost = best[i][0] + rtt + (j - i) / speed
                 if cost < best[j][0]:
                     best[j] = (cost, Hop(peer_id, i, j))
     if best[last][0] == float("inf"):
-        raise RouteError(_explain_gap(first, last, peers, banned))
+        raise RouteError(_explain_gap(first, last, peers, unusable))
     hops, position = [], last
     while position != first:
         hop = best[position][1]
@@ -62,15 +67,16 @@ def build_route(
     return hops[::-1]
 
 
-def _explain_gap(first: int, last: int, peers: dict[str, PeerRecord], banned: set[str]) -> str:
-    usable = [r.announcement for p, r in peers.items() if p not in banned]
+def _explain_gap(first: int, last: int, peers: dict[str, PeerRecord], unusable: set[str]) -> str:
+    usable = [r.announcement for p, r in peers.items() if p not in unusable]
     covered = {i for a in usable for i in range(a.start, a.end)}
     missing = [i for i in range(first, last) if i not in covered]
-    spans = ", ".join(sorted(f"{a.start}:{a.end}" for a in usable)) or "nothing"
-    return f"blocks {_ranges(missing) or '(unreachable)'} are served by nobody; the swarm has {spans}"
+    spans = ", ".join(f"{a.start}:{a.end}" for a in sorted(usable, key=lambda a: (a.start, a.end))) or "nothing"
+    skipped = f" ({len(unusable & set(peers))} peers skipped as failed or unreachable)" if unusable & set(peers) else ""
+    return f"blocks {format_ranges(missing) or '(unreachable)'} are served by nobody; the swarm has {spans}{skipped}"
 
 
-def _ranges(blocks: list[int]) -> str:
+def format_ranges(blocks: list[int]) -> str:
     parts, start = [], None
     for k, b in enumerate(blocks):
         if start is None:

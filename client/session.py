@@ -20,7 +20,7 @@ from client.route import Hop, build_route
 from client.settings import ClientSettings
 from client.swarm_view import SwarmView
 from swarm import protocol
-from swarm.errors import RouteError, SwarmError
+from swarm.errors import ProtocolError, RouteError, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class HopStream:
         except Exception as e:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} failed: {e or type(e).__name__}") from None
         if isinstance(message, protocol.ErrorReply):
+            if message.code == "bad_request":  # our own input was wrong: no other peer would take it either
+                raise ProtocolError(f"peer {self.hop.peer_id[-8:]} rejected our request: {message.message}")
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} refused: {message.message}")
         if isinstance(message, protocol.Leaving):
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} is leaving")
@@ -142,9 +144,20 @@ class InferenceSession:
             raise SwarmError("the inference session is closed")
         if self.position + hidden.shape[1] > self.max_length:
             raise SwarmError(f"session max_length {self.max_length} exceeded: {self.position} + {hidden.shape[1]} positions")
-        if self.batch_size is None:
+        if not self.streams:  # first step, or the first open failed
             self.batch_size = hidden.shape[0]
             await self._open_route(0, self.view.model.num_blocks)
+        elif hidden.shape[0] != self.batch_size:
+            raise SwarmError(f"batch size {hidden.shape[0]} does not match the session's {self.batch_size}")
+        chunk = max(1, protocol.MAX_STEP_TOKENS // self.batch_size)  # a long prompt goes in several messages
+        outputs = []
+        for offset in range(0, hidden.shape[1], chunk):
+            part_mask = None if mask is None else mask[:, offset : offset + chunk]
+            outputs.append(await self._through_route(hidden[:, offset : offset + chunk], part_mask))
+        self.position += hidden.shape[1]
+        return torch.cat(outputs, dim=1)
+
+    async def _through_route(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         index, retries = 0, 0
         while index < len(self.streams):
             stream = self.streams[index]
@@ -161,7 +174,6 @@ class InferenceSession:
                 self.bans.ban(stream.hop.peer_id)
                 stream.close()
                 await self._replace(index)
-        self.position += hidden.shape[1]
         self.steps += 1
         return hidden
 

@@ -7,6 +7,7 @@ import time
 
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
 
 from swarm import protocol
 from swarm.dht import PeerRecord, SwarmDHT
@@ -28,7 +29,16 @@ class SwarmView:
         self._refresher: asyncio.Task | None = None
 
     async def refresh(self) -> None:
-        self.blocks = await self.dht.read_blocks(self.model.dht_prefix, self.model.num_blocks)
+        """Re-read every block; a block whose lookup found nothing keeps its records that have not expired.
+
+        A lookup that times out (a hung peer on the DHT path) must not make live peers vanish from the view.
+        """
+        fresh = await self.dht.read_blocks(self.model.dht_prefix, self.model.num_blocks)
+        now = get_dht_time()
+        self.blocks = [
+            new or {peer: record for peer, record in old.items() if record.expiration_time > now}
+            for new, old in zip(fresh, self.blocks)
+        ]
         self.updated_at = time.monotonic()
 
     async def ensure_fresh(self) -> None:
@@ -55,16 +65,14 @@ class SwarmView:
         return peers
 
     async def rtts(self, peer_ids: list[str]) -> dict[str, float]:
-        """Round-trip times in seconds (an info call each), cached; unreachable peers are left out."""
+        """Round-trip times in seconds (an info call each), cached; unreachable peers get infinity."""
         now = time.monotonic()
         stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl]
         if stale:
             results = await asyncio.gather(*(self._ping(p) for p in stale))
             for peer_id, rtt in zip(stale, results):
-                if rtt is not None:
-                    self._rtt[peer_id] = (rtt, now)
-                else:
-                    self._rtt.pop(peer_id, None)
+                # an unreachable peer is remembered as infinitely far, and asked again after a shorter while
+                self._rtt[peer_id] = (rtt, now) if rtt is not None else (float("inf"), now - self.rtt_ttl * 0.8)
         return {p: self._rtt[p][0] for p in peer_ids if p in self._rtt}
 
     async def _ping(self, peer_id: str, timeout: float = 3.0) -> float | None:

@@ -16,6 +16,7 @@ from swarm.records import (
     ModelRegistration,
     RecordSchemaValidator,
     block_key,
+    is_signed_subkey,
     parse_record,
     peer_id_of_subkey,
 )
@@ -91,11 +92,16 @@ class SwarmDHT:
         keys = [block_key(dht_prefix, i) for i in range(record.start, record.end)]
         value = record.model_dump(mode="json")
         subkey = self.own_subkey()
-        await self.node.store_many(keys, [value] * len(keys), expiration_time, subkeys=[subkey] * len(keys))
+        # not await_all_replicas: a hung node on the DHT path must not stall announcements past their expiry
+        await self.node.store_many(
+            keys, [value] * len(keys), expiration_time, subkeys=[subkey] * len(keys), await_all_replicas=False
+        )
 
     async def register_model(self, registration: ModelRegistration, expiration_time: float) -> None:
         subkey = self.own_subkey(f"{registration.dht_prefix} ")
-        await self.node.store(REGISTRY_KEY, registration.model_dump(mode="json"), expiration_time, subkey=subkey)
+        await self.node.store(
+            REGISTRY_KEY, registration.model_dump(mode="json"), expiration_time, subkey=subkey, await_all_replicas=False
+        )
 
     async def read_blocks(self, dht_prefix: str, num_blocks: int) -> list[dict[str, PeerRecord]]:
         """For every block, the peers announcing it (newest record per peer id), in one batched lookup."""
@@ -110,7 +116,7 @@ class SwarmDHT:
                 for subkey, item in entry.value.items():
                     record = _parse(item.value, BlockAnnouncement)
                     peer = peer_id_of_subkey(subkey)
-                    if record is None or item.expiration_time < now:
+                    if record is None or item.expiration_time < now or not is_signed_subkey(subkey):
                         continue
                     if peer not in peers or peers[peer].expiration_time < item.expiration_time:
                         peers[peer] = PeerRecord(peer, record, item.expiration_time)
@@ -121,9 +127,9 @@ class SwarmDHT:
         entry = await self.node.get(REGISTRY_KEY, sufficient_expiration_time=float("inf"))
         models: dict[str, ModelRegistration] = {}
         if entry is not None and isinstance(entry.value, dict):
-            for item in entry.value.values():
+            for subkey, item in entry.value.items():
                 record = _parse(item.value, ModelRegistration)
-                if record is not None:
+                if record is not None and is_signed_subkey(subkey):
                     models[record.dht_prefix] = record
         return sorted(models.values(), key=lambda m: m.name)
 

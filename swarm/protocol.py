@@ -154,7 +154,8 @@ def _tensor(proto) -> torch.Tensor:
     numel = 1
     for dim in proto.size:
         numel *= dim
-    itemsize = torch.empty((), dtype=getattr(torch, proto.dtype)).element_size()
+    # hivemind ships uncompressed bfloat16 as float32 bytes
+    itemsize = 4 if proto.dtype == "bfloat16" else torch.empty((), dtype=getattr(torch, proto.dtype)).element_size()
     if len(proto.buffer) != numel * itemsize:
         raise ProtocolError(f"tensor of shape {list(proto.size)} needs {numel * itemsize} bytes, got {len(proto.buffer)}")
     try:
@@ -179,6 +180,8 @@ def check_inputs(
         raise ProtocolError(f"hidden size {size} does not match the model's {hidden_size}")
     if batch_size is not None and batch != batch_size:
         raise ProtocolError(f"batch size {batch} does not match the session's {batch_size}")
+    if batch > MAX_BATCH:
+        raise ProtocolError(f"batch size {batch} exceeds the limit of {MAX_BATCH}")
     if length == 0 or batch == 0:
         raise ProtocolError("empty hidden states")
     if batch * length > MAX_STEP_TOKENS:

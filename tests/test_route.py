@@ -1,0 +1,66 @@
+"""Routing and record validation as pure functions: fast checks of the decisions peers and clients make."""
+import random
+
+import msgpack
+import pytest
+from hivemind.dht.validation import DHTRecord
+
+from client.route import build_route
+from peer.placement import Coverage, best_start, should_move
+from swarm.dht import PeerRecord
+from swarm.errors import RouteError
+from swarm.records import BlockAnnouncement, PeerState, RecordSchemaValidator
+
+
+def peer(start: int, end: int, throughput: float = 100.0, state: PeerState = PeerState.online) -> BlockAnnouncement:
+    return BlockAnnouncement(state=state, start=start, end=end, throughput=throughput, cache_tokens_left=1000,
+                             version="0.1.0", dtype="float32")
+
+
+def records(**spans: BlockAnnouncement) -> dict[str, PeerRecord]:
+    return {name: PeerRecord(name, record, 0.0) for name, record in spans.items()}
+
+
+def test_one_peer_is_one_hop():
+    for seed in range(50):
+        route = build_route(30, records(a=peer(0, 30, throughput=20)), {"a": 0.003}, rng=random.Random(seed))
+        assert [(h.peer_id, h.start, h.end) for h in route] == [("a", 0, 30)]
+
+
+def test_fewer_hops_win_when_peers_are_alike():
+    peers = records(whole=peer(0, 30), left=peer(0, 15), right=peer(15, 30))
+    rtts = {"whole": 0.01, "left": 0.01, "right": 0.01}
+    assert [h.peer_id for h in build_route(30, peers, rtts, rng=random.Random(0))] == ["whole"]
+
+
+def test_partial_spans_and_banned_peers():
+    peers = records(a=peer(0, 20), b=peer(10, 30), c=peer(0, 30, throughput=1))
+    route = build_route(30, peers, {"a": 0.01, "b": 0.01, "c": 0.01}, banned={"c"}, rng=random.Random(0))
+    assert route[0].peer_id == "a" and route[-1].peer_id == "b" and route[0].end == route[1].start
+    assert route[0].start == 0 and route[-1].end == 30
+
+
+def test_unreachable_peers_are_skipped_and_gaps_named():
+    peers = records(a=peer(0, 10), b=peer(20, 30), c=peer(10, 20))
+    with pytest.raises(RouteError, match=r"blocks 10-19 are served by nobody; the swarm has 0:10, 20:30"):
+        build_route(30, peers, {"c": float("inf")})
+
+
+def test_placement_prefers_gaps_and_moves_only_into_gaps():
+    blocks = [1] * 10 + [0] * 10 + [1] * 10
+    coverage = Coverage(blocks, [float(b) for b in blocks])
+    assert best_start(coverage, 10) == 10
+    assert should_move(coverage, 0, 10) == 10  # blocks 0:10 are served by someone else too
+    sole = Coverage([0] * 10 + [0] * 10 + [1] * 10, [0.0] * 30)
+    assert should_move(sole, 0, 10) is None  # never drop the only copy
+
+
+def test_validator_refuses_unsigned_and_malformed_records():
+    validator = RecordSchemaValidator()
+    good = msgpack.packb(peer(0, 3).model_dump(mode="json"))
+    signed_subkey = msgpack.packb("12D3KooWPeer[owner:ssh-rsa AAAA]")
+    assert validator.validate(DHTRecord(b"k", signed_subkey, good, 0.0))
+    assert not validator.validate(DHTRecord(b"k", msgpack.packb("12D3KooWVictim"), good, 0.0))
+    bad = msgpack.packb({**peer(0, 3).model_dump(mode="json"), "end": 0})
+    assert not validator.validate(DHTRecord(b"k", signed_subkey, bad, 0.0))
+    assert not validator.validate(DHTRecord(b"k", signed_subkey, b"\xc1 not msgpack", 0.0))
