@@ -75,9 +75,7 @@ class Peer:
         self.service = PeerService(span, self.sessions, self.compute, lambda: self._info(model), settings.session_idle_timeout)
         await self.service.register(self.dht.p2p)
         await self.announcer.announce(PeerState.online)
-        tasks = [asyncio.create_task(self.announcer.run())]
-        if settings.span is None:
-            tasks.append(asyncio.create_task(self._rebalance(model)))
+        tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._watch_swarm(model))]
         print(f"ready: serving {model.name} blocks {start}:{end} as {self.dht.peer_id} "
               f"({self.announcer.throughput:.1f} block-steps/s)", flush=True)
 
@@ -107,8 +105,9 @@ class Peer:
                              on_block_loaded=lambda _: progress.advance(task)),
             )
 
-    async def _rebalance(self, model: ResolvedModel) -> None:
-        """Move to uncovered blocks when this peer only duplicates others and no session is open here."""
+    async def _watch_swarm(self, model: ResolvedModel) -> None:
+        """Log who else serves the model; with automatic placement, move to uncovered blocks when this
+        peer only duplicates others and no session is open here."""
         while True:
             await asyncio.sleep(self.settings.rebalance_period)
             try:
@@ -118,7 +117,7 @@ class Peer:
                 logger.info(f"swarm: {len(peers_seen)} other peers serve {model.name}; "
                             f"blocks served by nobody else: {[i for i, n in enumerate(coverage.peers) if n == 0]}")
                 old_start, old_end = self.announcer.start, self.announcer.end
-                new_start = should_move(coverage, old_start, old_end)
+                new_start = should_move(coverage, old_start, old_end) if self.settings.span is None else None
                 if new_start is None or self.sessions.sessions:
                     continue
                 new_end = new_start + (old_end - old_start)

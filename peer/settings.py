@@ -99,4 +99,5 @@ def load_settings(config_file: Path | None, flags: dict[str, Any]) -> PeerSettin
         err = e.errors()[0]
         field = ".".join(str(part) for part in err["loc"])
         where = f" (from {sources[field]})" if field in sources else ""
-        raise SwarmError(f"invalid setting {field or 'settings'}{where}: {err['msg']}") from None
+        subject = f"setting {field}{where}" if field else "settings"
+        raise SwarmError(f"invalid {subject}: {err['msg'].removeprefix('Value error, ')}") from None
