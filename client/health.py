@@ -29,7 +29,6 @@ from rich.table import Table
 from rich.text import Text
 
 from client.route import format_ranges
-from swarm import protocol
 from swarm.dht import PeerRecord, SwarmDHT
 from swarm.errors import SwarmError
 from swarm.records import ModelRegistration, PeerState
@@ -185,7 +184,7 @@ async def gather(dht: SwarmDHT, refs: list[str], timeout: float) -> HealthReport
     tables = {t.dht_prefix: table for t, table in zip(targets, found)}
     peer_ids = sorted({p for table in found for block in table for p in block})
     ping_timeout = max(left(), MIN_PING_TIMEOUT)
-    rtts = await asyncio.gather(*(_ping(dht, p, ping_timeout) for p in peer_ids))
+    rtts = await asyncio.gather(*(dht.ping(p, ping_timeout) for p in peer_ids))
     return build_report(targets, tables, dict(zip(peer_ids, rtts)), unknown)
 
 
@@ -209,21 +208,6 @@ async def _targets(registered: list[ModelRegistration], refs: list[str]) -> tupl
             match = targets.get(model.dht_prefix) or ModelTarget(model.name, model.dht_prefix, model.num_blocks, False)
         chosen[match.dht_prefix] = match
     return list(chosen.values()), unknown
-
-
-async def _ping(dht: SwarmDHT, peer_id: str, timeout: float) -> Optional[float]:
-    """Seconds for an INFO call to come back, or None: a peer the DHT lists may still be unreachable."""
-    from hivemind.p2p import PeerID
-    from hivemind.proto import runtime_pb2
-
-    started = time.perf_counter()
-    try:
-        request = protocol.pack_request(protocol.InfoRequest())
-        await asyncio.wait_for(dht.p2p.call_protobuf_handler(
-            PeerID.from_base58(peer_id), protocol.INFO, request, runtime_pb2.ExpertResponse), timeout)
-    except Exception:
-        return None
-    return time.perf_counter() - started
 
 
 def render(report: HealthReport) -> RenderableType:

@@ -58,17 +58,21 @@ class HopStream:
             raise HopFailed(f"cannot reach peer {self.hop.peer_id[-8:]}: {e or type(e).__name__}") from None
         await self._receive(protocol.Opened, timeout)
 
-    async def step(self, step: int, hidden: torch.Tensor, mask: torch.Tensor | None, timeout: float) -> torch.Tensor:
+    async def step(
+        self, step: int, hidden: torch.Tensor, mask: torch.Tensor | None, timeout: float, probe: "Probe | None" = None
+    ) -> torch.Tensor:
         tensors = (hidden,) if mask is None else (hidden, mask)
         self._queue.put_nowait(protocol.pack_request(protocol.Step(session_id=self.session_id, step=step), *tensors))
-        _, tensors = await self._receive(protocol.StepResult, timeout)
+        _, tensors = await self._receive(protocol.StepResult, timeout, probe)
         if len(tensors) != 1 or tensors[0].shape != hidden.shape:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
         return tensors[0]
 
-    async def _receive(self, expected: type, timeout: float):
+    async def _receive(self, expected: type, timeout: float, probe: "Probe | None" = None):
+        """The next reply. While waiting, `probe()` (if given) is awaited every so often and must say the
+        peer is alive: a killed peer's p2pd may keep the stream open, a probe notices at once."""
         try:
-            proto = await asyncio.wait_for(anext(self._responses), timeout)
+            proto = await self._next_reply(timeout, probe)
             message, tensors = protocol.unpack_response(proto)
         except asyncio.TimeoutError:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} did not answer within {timeout:.0f} s") from None
@@ -86,6 +90,23 @@ class HopStream:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} sent {message.type!r}, expected {expected.__name__}")
         return message, tensors
 
+    async def _next_reply(self, timeout: float, probe: "Probe | None") -> runtime_pb2.ExpertResponse:
+        reply = asyncio.ensure_future(anext(self._responses))
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                interval = remaining if probe is None else min(remaining, probe.after)
+                done, _ = await asyncio.wait({reply}, timeout=interval)
+                if done:
+                    return reply.result()
+                if probe is not None and not await probe(self.hop.peer_id):
+                    raise HopFailed(f"peer {self.hop.peer_id[-8:]} stopped answering (liveness probe failed)")
+        finally:
+            reply.cancel()
+
     def close(self) -> None:
         """End the request stream (the peer frees the cache) and read out what the peer still sends."""
         self._queue.put_nowait(None)
@@ -99,6 +120,18 @@ class HopStream:
                     pass
         except BaseException:
             pass  # the peer may be gone already: nothing to free then
+
+
+@dataclass
+class Probe:
+    """Asks a peer whether it is alive while one of its steps runs long (its event loop never computes)."""
+
+    view: SwarmView
+    after: float
+    timeout: float
+
+    async def __call__(self, peer_id: str) -> bool:
+        return await self.view.ping(peer_id, self.timeout) is not None
 
 
 @dataclass
@@ -133,6 +166,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.closed = False
         self.last_logits: torch.Tensor | None = None  # set by generate, to continue without new tokens
+        self.probe = Probe(view, settings.probe_after, settings.probe_timeout)
 
     @property
     def route(self) -> list[Hop]:
@@ -163,7 +197,7 @@ class InferenceSession:
             stream = self.streams[index]
             self.history.setdefault(stream.hop.start, []).append((hidden, mask))
             try:
-                hidden = await stream.step(self.steps, hidden, mask, self.settings.step_timeout)
+                hidden = await stream.step(self.steps, hidden, mask, self.settings.step_timeout, self.probe)
                 index += 1
             except HopFailed as e:
                 self.history[stream.hop.start].pop()
@@ -182,10 +216,11 @@ class InferenceSession:
         deadline = time.monotonic() + self.settings.route_timeout
         while True:
             await self.view.ensure_fresh()
-            peers = self.view.online_peers()
+            banned = self.bans.active()
+            peers = {p: r for p, r in self.view.online_peers().items() if p not in banned}
             rtts = await self.view.rtts(list(peers))
             try:
-                hops = build_route(self.view.model.num_blocks, peers, rtts, self.bans.active(), first, last)
+                hops = build_route(self.view.model.num_blocks, peers, rtts, banned, first, last)
             except RouteError:
                 if time.monotonic() > deadline:
                     raise
@@ -218,7 +253,7 @@ class InferenceSession:
                 for stream in new:
                     outputs = []
                     for step, (hidden, mask) in enumerate(replay):
-                        outputs.append((await stream.step(step, hidden, mask, self.settings.step_timeout), mask))
+                        outputs.append((await stream.step(step, hidden, mask, self.settings.step_timeout, self.probe), mask))
                     if stream.hop.end != failed.end:
                         self.history[stream.hop.end] = outputs
                     replay = outputs

@@ -12,6 +12,8 @@ class ClientSettings(BaseModel):
     connect_timeout: float = Field(default=10.0, gt=0, description="seconds to open a session on a peer")
     step_timeout: float = Field(default=30.0, gt=0, description="seconds a peer gets to answer one step")
     route_timeout: float = Field(default=5.0, ge=0, description="seconds to wait for missing blocks to appear")
+    probe_after: float = Field(default=1.0, gt=0, description="seconds a step may run before the peer is probed")
+    probe_timeout: float = Field(default=2.0, gt=0, description="seconds a liveness probe (info call) may take")
     max_retries: int = Field(default=8, ge=0, description="reroutes one step may take before giving up")
     ban_seconds: float = Field(default=15.0, gt=0, description="first ban of a failed peer; doubles on each repeat")
     max_ban_seconds: float = Field(default=300.0, gt=0)

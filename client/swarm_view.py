@@ -5,11 +5,8 @@ import asyncio
 import logging
 import time
 
-from hivemind.p2p import PeerID
-from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
-from swarm import protocol
 from swarm.dht import PeerRecord, SwarmDHT
 from swarm.records import PeerState
 from swarm.reference import ResolvedModel
@@ -42,7 +39,9 @@ class SwarmView:
         self.updated_at = time.monotonic()
 
     async def ensure_fresh(self) -> None:
-        if time.monotonic() - self.updated_at > self.refresh_period:
+        """Block on the first read only; afterwards the background refresh keeps the view fresh, and a
+        reroute must not wait behind a DHT lookup that a hung peer slows down."""
+        if self.updated_at == 0.0:
             await self.refresh()
         if self._refresher is None:
             self._refresher = asyncio.create_task(self._keep_fresh())
@@ -69,26 +68,14 @@ class SwarmView:
         now = time.monotonic()
         stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl]
         if stale:
-            results = await asyncio.gather(*(self._ping(p) for p in stale))
+            results = await asyncio.gather(*(self.ping(p) for p in stale))
             for peer_id, rtt in zip(stale, results):
                 # an unreachable peer is remembered as infinitely far, and asked again after a shorter while
                 self._rtt[peer_id] = (rtt, now) if rtt is not None else (float("inf"), now - self.rtt_ttl * 0.8)
         return {p: self._rtt[p][0] for p in peer_ids if p in self._rtt}
 
-    async def _ping(self, peer_id: str, timeout: float = 3.0) -> float | None:
-        started = time.perf_counter()
-        try:
-            await asyncio.wait_for(
-                self.dht.p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer_id), protocol.INFO,
-                    protocol.pack_request(protocol.InfoRequest()), runtime_pb2.ExpertResponse,
-                ),
-                timeout,
-            )
-        except Exception as e:
-            logger.debug(f"peer {peer_id[-8:]} did not answer: {e}")
-            return None
-        return time.perf_counter() - started
+    async def ping(self, peer_id: str, timeout: float = 3.0) -> float | None:
+        return await self.dht.ping(peer_id, timeout)
 
     async def close(self) -> None:
         if self._refresher is not None:

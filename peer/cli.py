@@ -1,7 +1,6 @@
 """swarm-serve: the command line of a peer."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path

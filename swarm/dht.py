@@ -1,14 +1,18 @@
 """Joining the swarm's DHT, and reading and writing its records. Peers, clients and tools all use this."""
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
+from swarm import protocol
 from swarm.errors import SwarmError
 from swarm.records import (
     REGISTRY_KEY,
@@ -132,6 +136,21 @@ class SwarmDHT:
                 if record is not None and is_signed_subkey(subkey):
                     models[record.dht_prefix] = record
         return sorted(models.values(), key=lambda m: m.name)
+
+    async def ping(self, peer_id: str, timeout: float) -> float | None:
+        """Seconds an `info` call takes to come back, or None: a peer the DHT lists may be dead or unreachable."""
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer_id), protocol.INFO,
+                    protocol.pack_request(protocol.InfoRequest()), runtime_pb2.ExpertResponse,
+                ),
+                timeout,
+            )
+        except Exception:
+            return None
+        return time.perf_counter() - started
 
     async def shutdown(self) -> None:
         await self.node.shutdown()
