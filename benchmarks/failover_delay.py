@@ -1,4 +1,4 @@
-"""How much a failing peer delays a generation: SIGKILL (connection lost) and SIGSTOP (hung, step timeout).
+"""How much a failing peer delays a generation: SIGKILL (gone), SIGSTOP (hung) and SIGTERM (leaving).
 
 Run: python -m benchmarks.failover_delay [--runs 3] [--step-timeout 5]
 Starts real peers on 127.0.0.1 (every span served twice), generates 48 greedy tokens, fails the peer in
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--step-timeout", type=float, default=5.0)
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"SIGKILL": [], "SIGSTOP": []}
+    results: dict[str, list[float]] = {"SIGKILL": [], "SIGSTOP": [], "SIGTERM": []}
     medians = []
     with LocalSwarm(Path(tempfile.mkdtemp(prefix="failover-bench-")), ["--announce-period", "5"]) as swarm:
         swarm.add(["--blocks", "0:30"], "anchor")
@@ -60,7 +60,7 @@ def main() -> None:
             "smollm2-135m", initial_peers=swarm.initial_peers, step_timeout=args.step_timeout)
         ids = model.model.tokenizer()(PROMPT, return_tensors="pt").input_ids
         try:
-            for name, sig in (("SIGKILL", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP)):
+            for name, sig in (("SIGKILL", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP), ("SIGTERM", signal.SIGTERM)):
                 for run in range(args.runs):
                     live = {s: [p for p in swarm.peers[1:] if p.process.poll() is None and p.ready_line.split("blocks ")[1].startswith(s + " ")]
                             for s in SPANS}

@@ -81,6 +81,7 @@ def test_greedy_matches_transformers(swarm_model, reference, tokenizer):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
 def test_sampling_with_seed_matches_transformers(swarm_model, reference, tokenizer):
     ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
     settings = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, max_new_tokens=24)
@@ -91,6 +92,7 @@ def test_sampling_with_seed_matches_transformers(swarm_model, reference, tokeniz
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
 def test_session_continues_without_resending(swarm_model, reference, tokenizer):
     ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     with swarm_model.inference_session(max_length=64) as session:
@@ -106,6 +108,7 @@ def test_session_continues_without_resending(swarm_model, reference, tokenizer):
     assert all(a.end == b.start for a, b in zip(routes, routes[1:]))
 
 
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
 def test_forward_logits(swarm_model, reference, tokenizer):
     ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -113,6 +116,7 @@ def test_forward_logits(swarm_model, reference, tokenizer):
     torch.testing.assert_close(swarm_model(ids), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
 def test_text_api(swarm_model, tmp_path_factory):
     client = SwarmClient.__new__(SwarmClient)  # share the fixture's connection instead of joining again
     client.model, client.tokenizer = swarm_model, swarm_model.model.tokenizer()
