@@ -195,12 +195,9 @@ class InferenceSession:
         index, retries = 0, 0
         while index < len(self.streams):
             stream = self.streams[index]
-            self.history.setdefault(stream.hop.start, []).append((hidden, mask))
             try:
-                hidden = await stream.step(self.steps, hidden, mask, self.settings.step_timeout, self.probe)
-                index += 1
+                output = await stream.step(self.steps, hidden, mask, self.settings.step_timeout, self.probe)
             except HopFailed as e:
-                self.history[stream.hop.start].pop()
                 retries += 1
                 if retries > self.settings.max_retries:
                     raise RouteError(f"gave up on blocks {stream.hop.start}:{stream.hop.end} after {retries - 1} reroutes: {e}") from None
@@ -208,6 +205,10 @@ class InferenceSession:
                 self.bans.ban(stream.hop.peer_id)
                 stream.close()
                 await self._replace(index)
+                continue
+            # kept only once the hop took it: a failover replays exactly what the failed peer holds
+            self.history.setdefault(stream.hop.start, []).append((hidden, mask))
+            hidden, index = output, index + 1
         self.steps += 1
         return hidden
 
