@@ -72,7 +72,8 @@ def _explain_gap(first: int, last: int, peers: dict[str, PeerRecord], unusable: 
     covered = {i for a in usable for i in range(a.start, a.end)}
     missing = [i for i in range(first, last) if i not in covered]
     spans = ", ".join(f"{a.start}:{a.end}" for a in sorted(usable, key=lambda a: (a.start, a.end))) or "nothing"
-    skipped = f" ({len(unusable & set(peers))} peers skipped as failed or unreachable)" if unusable & set(peers) else ""
+    count = len(unusable & set(peers))
+    skipped = f" ({count} peers skipped as failed or unreachable)" if count else ""
     return f"blocks {format_ranges(missing) or '(unreachable)'} are served by nobody; the swarm has {spans}{skipped}"
 
 

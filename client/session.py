@@ -131,7 +131,7 @@ class Probe:
     timeout: float
 
     async def __call__(self, peer_id: str) -> bool:
-        return await self.view.ping(peer_id, self.timeout) is not None
+        return await self.view.dht.ping(peer_id, self.timeout) is not None
 
 
 @dataclass

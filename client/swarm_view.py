@@ -12,6 +12,7 @@ from swarm.records import PeerState
 from swarm.reference import ResolvedModel
 
 logger = logging.getLogger(__name__)
+PING_TIMEOUT = 3.0  # seconds a peer gets to answer the info call that measures its round trip
 
 
 class SwarmView:
@@ -68,14 +69,11 @@ class SwarmView:
         now = time.monotonic()
         stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl]
         if stale:
-            results = await asyncio.gather(*(self.ping(p) for p in stale))
+            results = await asyncio.gather(*(self.dht.ping(p, PING_TIMEOUT) for p in stale))
             for peer_id, rtt in zip(stale, results):
                 # an unreachable peer is remembered as infinitely far, and asked again after a shorter while
                 self._rtt[peer_id] = (rtt, now) if rtt is not None else (float("inf"), now - self.rtt_ttl * 0.8)
         return {p: self._rtt[p][0] for p in peer_ids if p in self._rtt}
-
-    async def ping(self, peer_id: str, timeout: float = 3.0) -> float | None:
-        return await self.dht.ping(peer_id, timeout)
 
     async def close(self) -> None:
         if self._refresher is not None:
