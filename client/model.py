@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -34,7 +35,7 @@ class DistributedModelForCausalLM:
         self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
         self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
         self.view = SwarmView(self.dht, model, settings.refresh_period)
-        self._active: InferenceSession | None = None
+        self._local = threading.local()  # the session opened by inference_session(), per calling thread
 
     @classmethod
     def from_pretrained(cls, ref: str | None = None, initial_peers: list[str] | None = None, **settings) -> "DistributedModelForCausalLM":
@@ -44,12 +45,23 @@ class DistributedModelForCausalLM:
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
         """Inside the block, generate() continues this session: history is never resent."""
+        with self._session(max_length) as session:
+            previous, self._local.active = self._active, session
+            try:
+                yield session
+            finally:
+                self._local.active = previous
+
+    @property
+    def _active(self) -> InferenceSession | None:
+        return getattr(self._local, "active", None)
+
+    @contextlib.contextmanager
+    def _session(self, max_length: int) -> Iterator[InferenceSession]:
         session = InferenceSession(self.view, self.settings, self.bans, max_length)
-        previous, self._active = self._active, session
         try:
             yield session
         finally:
-            self._active = previous
             loop.run(_close(session))
 
     def step(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +116,7 @@ class DistributedModelForCausalLM:
         session = session or self._active
         with contextlib.ExitStack() as stack:
             if session is None:
-                session = stack.enter_context(self.inference_session(input_ids.shape[1] + max_new_tokens))
+                session = stack.enter_context(self._session(input_ids.shape[1] + max_new_tokens))
             seen = session.position
             if seen > input_ids.shape[1]:
                 raise SwarmError(f"the session has seen {seen} positions but input_ids has only {input_ids.shape[1]}")
