@@ -1,23 +1,25 @@
 """The peer's RPC handlers: inference sessions, stateless forward, and info.
 
-Handlers run on the event loop and only parse, check and route; all model work goes to the
-peer's compute thread, so a slow step never stalls the DHT or other sessions' I/O.
+Handlers run on the event loop and only parse, check and route; all model work goes through the
+step scheduler, which batches steps of different sessions on the peer's compute thread, so a slow
+step never stalls the DHT or other sessions' I/O.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from peer.scheduler import StepScheduler
 from peer.sessions import Session, SessionRefused, SessionRegistry
 from swarm import protocol
 from swarm.errors import ProtocolError
 from swarm.protocol import ErrorReply, Leaving, OpenSession, Opened, Step, StepResult
+from swarm.cache import SpanCache
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
@@ -29,11 +31,11 @@ class PeerService:
         self,
         span: Span,
         sessions: SessionRegistry,
-        compute: ThreadPoolExecutor,
+        scheduler: StepScheduler,
         info: Callable[[], protocol.PeerInfo],
         idle_timeout: float,
     ):
-        self.span, self.sessions, self.compute, self.info = span, sessions, compute, info
+        self.span, self.sessions, self.scheduler, self.info = span, sessions, scheduler, info
         self.idle_timeout = idle_timeout
         self.leaving = asyncio.Event()
         self.steps_in_flight = 0
@@ -55,7 +57,7 @@ class PeerService:
                 raise ProtocolError(f"expected a forward request, got {message.type!r}")
             part = self.span.view(message.start, message.end)
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size)
-            output = await self._compute(part.forward, hidden, None, mask)
+            output = await self._compute(part, hidden, part.new_cache(*hidden.shape[:2]), mask)
             return protocol.pack_response(StepResult(step=0, length=hidden.shape[1]), output.to(hidden.dtype))
         except ProtocolError as e:
             return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
@@ -117,16 +119,14 @@ class PeerService:
             return protocol.pack_response(ErrorReply(
                 code="unknown_session", message=f"unknown session {message.session_id}: this stream carries {session.session_id}"))
         hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
-        if session.cache.length + hidden.shape[1] > session.cache.max_length:
-            raise ProtocolError(f"{hidden.shape[1]} new positions after {session.cache.length} exceed max length {session.cache.max_length}")
-        output = await self._compute(session.span.forward, hidden, session.cache, mask)
+        output = await self._compute(session.span, hidden, session.cache, mask)
         session.steps += 1
         return protocol.pack_response(StepResult(step=message.step, length=session.cache.length), output.to(hidden.dtype))
 
-    async def _compute(self, fn, *args):
+    async def _compute(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
         self.steps_in_flight += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+            return await self.scheduler.run(span, hidden, cache, mask)
         finally:
             self.steps_in_flight -= 1
 

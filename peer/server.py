@@ -14,6 +14,7 @@ import swarm
 from peer.announcer import Announcer
 from peer.placement import Coverage, best_start, should_move
 from peer.rpc import PeerService
+from peer.scheduler import StepScheduler
 from peer.sessions import SessionRegistry
 from peer.settings import PeerSettings
 from peer.throughput import measure_throughput
@@ -72,7 +73,8 @@ class Peer:
 
         span = await self._load(model, start, end)
         self.announcer.throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
-        self.service = PeerService(span, self.sessions, self.compute, lambda: self._info(model), settings.session_idle_timeout)
+        self.scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens)
+        self.service = PeerService(span, self.sessions, self.scheduler, lambda: self._info(model), settings.session_idle_timeout)
         await self.service.register(self.dht.p2p)
         await self.announcer.announce(PeerState.online)
         tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._watch_swarm(model))]
@@ -142,6 +144,8 @@ class Peer:
             cache_tokens_left=self.sessions.tokens_left,
             max_cache_tokens=self.sessions.max_cache_tokens,
             open_sessions=len(self.sessions.sessions),
+            steps=self.scheduler.batched_steps,
+            passes=self.scheduler.passes,
         )
 
 

@@ -37,6 +37,8 @@ class PeerSettings(BaseModel):
     shutdown_grace: float = Field(default=5.0, ge=0, description="seconds open steps get to finish on shutdown")
     rebalance_period: float = Field(default=120.0, gt=0)
     torch_threads: int | None = Field(default=None, gt=0)
+    max_batch_rows: int = Field(default=64, gt=0, description="rows (sessions x their batch) in one batched pass")
+    max_batch_tokens: int = Field(default=512, gt=0, description="tokens in one pass; longer inputs run in chunks")
 
     @field_validator("blocks")
     @classmethod

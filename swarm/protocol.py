@@ -105,6 +105,8 @@ class PeerInfo(_Message):
     cache_tokens_left: int
     max_cache_tokens: int
     open_sessions: int
+    steps: int = Field(ge=0, description="steps and forward calls computed (chunks of long ones count apart)")
+    passes: int = Field(ge=0, description="batched passes those steps took: fewer passes than steps means batching")
 
 
 Request = Annotated[Union[OpenSession, Step, ForwardRequest, InfoRequest], Field(discriminator="type")]

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from swarm.attention import NAME as RAGGED_ATTENTION, Segment
 from swarm.cache import SpanCache
 from swarm.dtypes import to_torch_dtype
 from swarm.errors import ProtocolError
@@ -29,7 +30,7 @@ class Span:
         self.model, self.start, self.end = model, start, end
         self.dtype, self.device = to_torch_dtype(dtype), torch.device(device)
         config = copy.deepcopy(model.config)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = RAGGED_ATTENTION
         self.config = config
         self.family = family_of(config)
         self.num_kv_heads = config.num_key_value_heads
@@ -69,40 +70,64 @@ class Span:
             self.start, self.num_blocks, batch_size, max_length, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
 
-    @torch.inference_mode()
-    def forward(
-        self, hidden: torch.Tensor, cache: SpanCache | None = None, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Run new positions through the span. `attention_mask` marks real tokens (1) and padding (0)."""
+    def check(self, hidden: torch.Tensor, cache: SpanCache) -> None:
+        """Raise ProtocolError if `hidden` cannot extend `cache`: checked before a step joins a batch."""
         batch, length, _ = hidden.shape
-        if cache is None:
-            cache = self.new_cache(batch, length)
         if cache.batch_size != batch:
             raise ProtocolError(f"batch size {batch} does not match the session's {cache.batch_size}")
         if cache.length + length > cache.max_length:
             raise ProtocolError(
                 f"{length} new positions after {cache.length} exceed the session's max length {cache.max_length}"
             )
-        real = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        real = real.to(self.device)
-        start, end = cache.length, cache.length + length
-        cache.valid[:, start:end] = real
-        position_ids = (cache.seen[:, None] + real.long().cumsum(-1) - 1).masked_fill(~real, 1)
 
-        hidden = hidden.to(device=self.device, dtype=self.dtype)
-        position_embeddings = self.rotary(hidden, position_ids)
-        masks = {window: self._mask(cache, start, end, window) for window in set(self.windows)}
+    def forward(
+        self, hidden: torch.Tensor, cache: SpanCache | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run new positions through the span. `attention_mask` marks real tokens (1) and padding (0)."""
+        if cache is None:
+            cache = self.new_cache(hidden.shape[0], hidden.shape[1])
+        return self.forward_batch([(hidden, cache, attention_mask)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, steps: list[tuple[torch.Tensor, SpanCache, torch.Tensor | None]]
+    ) -> list[torch.Tensor]:
+        """Several sessions' new positions in one pass: (hidden [rows, new, hidden], cache, mask) each.
+
+        The positions are flattened into one sequence so every matrix product covers all sessions;
+        attention keeps them apart (swarm/attention.py).
+        """
+        for hidden, cache, _ in steps:
+            self.check(hidden, cache)
+        segments, positions, real_counts = [], [], []
+        for hidden, cache, attention_mask in steps:
+            rows, length, _ = hidden.shape
+            real = torch.ones(rows, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            real = real.to(self.device)
+            start, end = cache.length, cache.length + length
+            cache.valid[:, start:end] = real
+            real_counts.append(real.sum(-1))
+            positions.append((cache.seen[:, None] + real.long().cumsum(-1) - 1).masked_fill(~real, 1).flatten())
+            masks = {window: self._mask(cache, start, end, window) for window in set(self.windows)}
+            segments.append(Segment(cache, rows, length, masks))
+        flat = torch.cat([h.to(device=self.device, dtype=self.dtype).flatten(0, 1) for h, _, _ in steps])[None]
+        position_ids = torch.cat(positions)[None]
+        position_embeddings = self.rotary(flat, position_ids)
         for layer, window in zip(self.layers, self.windows):
-            hidden = layer(
-                hidden,
-                attention_mask=masks[window],
+            flat = layer(
+                flat,
                 position_ids=position_ids,
-                past_key_values=cache,
                 position_embeddings=position_embeddings,
+                segments=segments,
+                window=window,
             )
-        cache.length = end
-        cache.seen += real.sum(-1)
-        return hidden
+        outputs, offset = [], 0
+        for segment, real in zip(segments, real_counts):
+            outputs.append(flat[0, offset : offset + segment.tokens].unflatten(0, (segment.rows, segment.length)))
+            offset += segment.tokens
+            segment.cache.length += segment.length
+            segment.cache.seen += real
+        return outputs
 
     @staticmethod
     def _mask(cache: SpanCache, start: int, end: int, window: int | None) -> torch.Tensor:

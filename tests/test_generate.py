@@ -1,7 +1,9 @@
 """The client against real peer processes: tokens identical to transformers on the same weights."""
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM, SwarmClient
 from peer.launcher import LocalSwarm
+from tests.rpc_helpers import info
 from swarm.errors import RouteError
 from swarm.reference import resolve_model
 
@@ -127,6 +130,49 @@ def test_text_api(swarm_model, tmp_path_factory):
     assert "Paris" in text
     stopped = client.generate("The capital of France is", max_new_tokens=20, stop=["."])
     assert "." not in stopped and len(stopped) > 0
+
+
+class FirstTokens:
+    """A streamer that signals once a generation has decoded a few tokens."""
+
+    def __init__(self, count: int):
+        self.seen, self.count, self.event = -1, count, threading.Event()  # the first put is the prompt
+
+    def put(self, tokens):
+        self.seen += 1
+        if self.seen >= self.count:
+            self.event.set()
+
+    def end(self):
+        self.event.set()
+
+
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
+def test_concurrent_sessions_get_the_tokens_each_gets_alone(swarm_model, reference, tokenizer):
+    """Eight sessions at once with prompts of different lengths; the longest (two prefill chunks on each
+    peer) starts while the others decode. Each must get exactly what transformers gives it alone."""
+    story = " ".join(["The old lighthouse keeper climbed the stairs again, counting every step."] * 45)
+    prompts = [*PROMPTS, "Hi", "1, 2, 3, 4, 5,", "The recipe needs flour, eggs and", "Question: what is 7 times 6?", story]
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    assert ids[-1].shape[1] > 512  # longer than a peer's default pass: prefilled in chunks
+    started = FirstTokens(3)
+    peers = list(swarm_model.view.online_peers())
+    before = {p: info(swarm_model.dht, p) for p in peers}
+
+    def run(index: int) -> list[int]:
+        if index == len(ids) - 1:
+            started.event.wait(60)
+        streamer = started if index == 0 else None
+        return swarm_model.generate(ids[index], max_new_tokens=16, do_sample=False, streamer=streamer).tolist()
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        outputs = list(pool.map(run, range(len(ids))))
+    for prompt_ids, output in zip(ids, outputs):
+        assert output == reference.generate(prompt_ids, max_new_tokens=16, do_sample=False).tolist()
+    after = {p: info(swarm_model.dht, p) for p in peers}
+    steps = sum(after[p].steps - before[p].steps for p in peers)
+    passes = sum(after[p].passes - before[p].passes for p in peers)
+    assert passes < steps, "the peers never batched steps of different sessions"
 
 
 def test_uncovered_blocks_fail_fast(tmp_path):

@@ -1,0 +1,133 @@
+"""The step scheduler: every step of every session goes through one queue and runs in batches.
+
+One decode token is a matrix-vector product per weight matrix; the steps of many sessions together
+are one matrix-matrix product at nearly the same cost. The scheduler therefore never runs a step
+alone if others are waiting: each pass takes every waiting step that fits the limits and runs them
+as one batch (Span.forward_batch). It never waits for more steps to arrive, so a lone session pays
+no delay; batches form on their own while a pass is computing.
+
+Long inputs (prefills, forward calls) run in chunks of at most `max_tokens` tokens, so one long
+prompt delays other sessions' decode steps by at most one chunk. Steps that were left out of a
+pass go first in the next one, so no session starves.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.cache import SpanCache
+from swarm.span import Span
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    span: Span
+    hidden: torch.Tensor  # [rows, positions, hidden]
+    cache: SpanCache
+    mask: torch.Tensor | None
+    future: asyncio.Future
+    order: int
+    done: int = 0  # positions computed so far
+    skipped: int = 0  # passes this job waited through
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def remaining(self) -> int:
+        return self.hidden.shape[1] - self.done
+
+
+class StepScheduler:
+    def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int):
+        self.compute, self.max_rows, self.max_tokens = compute, max_rows, max_tokens
+        self.waiting: list[_Job] = []
+        self.passes = self.batched_steps = 0  # what the batches looked like, for info and logs
+        self._arrivals = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting)
+
+    async def run(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
+        """The output of `span` for new positions of one session; runs together with other sessions' steps."""
+        span.check(hidden, cache)  # a bad step fails alone, before it can join a batch
+        if self._task is None:
+            self._task = asyncio.create_task(self._serve())
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Job(span, hidden, cache, mask, future, next(self._arrivals)))
+        self._wake.set()
+        return await future
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self._take():
+                steps = [self._next_chunk(job, positions) for job, positions in batch]
+                try:
+                    outputs = await loop.run_in_executor(self.compute, batch[0][0].span.forward_batch, steps)
+                except Exception as e:
+                    logger.exception("batched step failed")
+                    for job, _ in batch:
+                        self._finish(job, e)
+                    continue
+                self.passes += 1
+                self.batched_steps += len(batch)
+                for (job, positions), output in zip(batch, outputs):
+                    job.outputs.append(output)
+                    job.done += positions
+                    if job.remaining == 0:
+                        self._finish(job, None)
+
+    def _take(self) -> list[tuple[_Job, int]]:
+        """The jobs of the next pass and how many positions of each: left-out jobs first, then short ones."""
+        self.waiting = [job for job in self.waiting if not job.future.done()]  # the caller went away
+        self.waiting.sort(key=lambda job: (-job.skipped, job.remaining * job.rows, job.order))
+        batch: list[tuple[_Job, int]] = []
+        rows = tokens = 0
+        for job in self.waiting:
+            blocks = (batch[0][0].span.start, batch[0][0].span.end) if batch else (job.span.start, job.span.end)
+            positions = min(job.remaining, (self.max_tokens - tokens) // job.rows)
+            fits = (job.span.start, job.span.end) == blocks and rows + job.rows <= self.max_rows and positions > 0
+            if not batch:  # the first job always runs, if need be one position at a time
+                fits, positions = True, max(positions, 1)
+            if fits:
+                batch.append((job, positions))
+                rows, tokens = rows + job.rows, tokens + job.rows * positions
+                job.skipped = 0
+            else:
+                job.skipped += 1
+        taken = {id(job) for job, _ in batch}
+        self.waiting = [job for job in self.waiting if id(job) not in taken] + [job for job, _ in batch]
+        return batch
+
+    @staticmethod
+    def _next_chunk(job: _Job, positions: int) -> tuple[torch.Tensor, SpanCache, torch.Tensor | None]:
+        cut = slice(job.done, job.done + positions)
+        return job.hidden[:, cut], job.cache, None if job.mask is None else job.mask[:, cut]
+
+    def _finish(self, job: _Job, error: Exception | None) -> None:
+        self.waiting.remove(job)
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(torch.cat(job.outputs, dim=1))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

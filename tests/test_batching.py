@@ -1,0 +1,125 @@
+"""Batched steps: several sessions in one pass must compute exactly what each computes alone.
+
+These run in-process (spans and the peer's scheduler); test_generate.py drives concurrent
+sessions through real peers.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from peer.scheduler import StepScheduler
+from swarm.reference import resolve_model
+from swarm.span import Span
+
+PROMPT_LENGTHS = [3, 17, 9, 30]
+
+
+def sessions(span: Span, batch_sizes: list[int], seed: int = 0):
+    """Caches with prompts of different lengths already in them (row 0 of a batch-2 session left-padded)."""
+    generator = torch.Generator().manual_seed(seed)
+    caches, steps = [], []
+    for length, rows in zip(PROMPT_LENGTHS, batch_sizes):
+        hidden = torch.randn(rows, length, span.config.hidden_size, generator=generator)
+        mask = torch.ones(rows, length, dtype=torch.long)
+        mask[0, : length // 3] = 0
+        caches.append(span.new_cache(rows, 64))
+        steps.append((hidden, mask))
+    return caches, steps
+
+
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs() / (b.abs() + 1)).max().item()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: the sliding window cuts the longer prompts
+def test_batched_prefill_and_decode_equal_each_session_alone(family, tiny_model_path):
+    span = Span(resolve_model(str(tiny_model_path(family))), 0, 5)
+    alone, steps = sessions(span, [1, 2, 1, 2])
+    batched, _ = sessions(span, [1, 2, 1, 2])
+    expected = [span.forward(h, c, m) for (h, m), c in zip(steps, alone)]
+    got = span.forward_batch([(h, c, m) for (h, m), c in zip(steps, batched)])
+    assert max(relative_diff(g, e) for g, e in zip(got, expected)) < 1e-5
+    for round in range(3):  # decode steps of sessions with different cache lengths, one with a prefill chunk
+        new = [torch.randn(c.batch_size, 1 if i else 5, span.config.hidden_size) for i, c in enumerate(alone)]
+        expected = [span.forward(h, c) for h, c in zip(new, alone)]
+        got = span.forward_batch([(h, c, None) for h, c in zip(new, batched)])
+        assert max(relative_diff(g, e) for g, e in zip(got, expected)) < 1e-5
+    assert [c.length for c in batched] == [c.length for c in alone]
+    assert all(torch.equal(b.seen, a.seen) for a, b in zip(alone, batched))
+
+
+def test_default_model_batched_sessions_give_the_same_logits(default_chain, default_tokenizer):
+    """Four real prompts of different lengths through the default model's three spans, prefill and
+    eight decode steps batched, against each session alone: logits within 1e-4, same greedy tokens."""
+    spans, parts = default_chain
+    prompts = ["The capital of France is", "def fibonacci(n):", "Hi", "Once upon a time, in a small village by the sea,"]
+    ids = [default_tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    alone = [[span.new_cache(1, 64) for span in spans] for _ in prompts]
+    batched = [[span.new_cache(1, 64) for span in spans] for _ in prompts]
+    new_ids = ids
+    for step in range(9):
+        expected, got = [], [parts.embed(i) for i in new_ids]
+        for session, i in enumerate(new_ids):
+            hidden = parts.embed(i)
+            for span, cache in zip(spans, alone[session]):
+                hidden = span.forward(hidden, cache)
+            expected.append(parts.logits(hidden[:, -1]))
+        for index, span in enumerate(spans):
+            got = span.forward_batch([(h, caches[index], None) for h, caches in zip(got, batched)])
+        got = [parts.logits(h[:, -1]) for h in got]
+        assert max((g - e).abs().max().item() for g, e in zip(got, expected)) < 1e-4, f"step {step}"
+        assert [g.argmax(-1).tolist() for g in got] == [e.argmax(-1).tolist() for e in expected]
+        new_ids = [e.argmax(-1, keepdim=True) for e in expected]
+
+
+def test_scheduler_batches_waiting_steps_and_chunks_long_prefills(tiny_model_path):
+    span = Span(resolve_model(str(tiny_model_path("llama"))), 0, 5)
+    hidden = span.config.hidden_size
+    long_prompt = torch.randn(1, 40, hidden)
+    decodes = [torch.randn(1, 1, hidden) for _ in range(4)]
+
+    async def scenario():
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=8)
+        caches = [span.new_cache(1, 64) for _ in range(5)]
+        finished: list[str] = []
+
+        async def run(name, h, cache):
+            out = await scheduler.run(span, h, cache, None)
+            finished.append(name)
+            return out
+
+        prefill = asyncio.create_task(run("prefill", long_prompt, caches[0]))
+        await asyncio.sleep(0)  # the prefill's first chunk starts alone
+        steps = [asyncio.create_task(run(f"decode{i}", h, c)) for i, (h, c) in enumerate(zip(decodes, caches[1:]))]
+        outputs = await asyncio.gather(prefill, *steps)
+        await scheduler.close()
+        return outputs, finished, scheduler
+
+    outputs, finished, scheduler = asyncio.run(scenario())
+    # 40 prefill tokens at most 8 per pass: every pass carries a chunk of it, and the decode steps ride along
+    # in those passes instead of waiting for the whole prefill or taking passes of their own
+    assert finished.index("prefill") == len(finished) - 1
+    assert scheduler.passes >= 5 and scheduler.batched_steps == scheduler.passes + len(decodes)
+    expected = [span.forward(h, span.new_cache(1, 64)) for h in [long_prompt, *decodes]]
+    assert max(relative_diff(g, e) for g, e in zip(outputs, expected)) < 1e-5
+
+
+def test_scheduler_rejects_a_bad_step_without_harming_the_batch(tiny_model_path):
+    span = Span(resolve_model(str(tiny_model_path("llama"))), 0, 5)
+    hidden = span.config.hidden_size
+
+    async def scenario():
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64)
+        full = span.new_cache(1, 2)
+        good = asyncio.create_task(scheduler.run(span, torch.randn(1, 3, hidden), span.new_cache(1, 8), None))
+        with pytest.raises(Exception, match="exceed the session's max length"):
+            await scheduler.run(span, torch.randn(1, 3, hidden), full, None)
+        result = await good
+        await scheduler.close()
+        return result
+
+    assert asyncio.run(scenario()).shape == (1, 3, hidden)
