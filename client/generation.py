@@ -13,7 +13,9 @@ from transformers.generation.logits_process import (
 )
 
 
-SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id"}
+# `seed` is ours, not transformers': sampling draws from a generator of its own, so a seeded generation
+# is reproducible even while other generations sample in other threads.
+SUPPORTED = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "seed"}
 
 
 def generation_config(base: GenerationConfig, overrides: dict) -> GenerationConfig:
@@ -22,6 +24,7 @@ def generation_config(base: GenerationConfig, overrides: dict) -> GenerationConf
     if unsupported:
         raise ValueError(f"generate does not support {', '.join(unsupported)}; supported: {', '.join(sorted(SUPPORTED))}")
     config = GenerationConfig(**{**base.to_dict(), **overrides})
+    config.seed = overrides.get("seed")
     defaults = GenerationConfig._get_default_generation_params()
     for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
         if getattr(config, name) is None:
@@ -66,6 +69,7 @@ def decode_tokens(
     processors see both, as in transformers). `first_logits` replaces the first call when nothing is new.
     """
     processors = logits_processors(config)
+    generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
     eos = eos_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     sequence = input_ids if full_prefix is None else torch.cat([full_prefix, input_ids], dim=1)
@@ -77,7 +81,7 @@ def decode_tokens(
         first_logits = None
         scores = processors(sequence, logits.float())
         if config.do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
         else:
             tokens = scores.argmax(dim=-1)
         tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)

@@ -29,12 +29,12 @@ from rich.table import Table
 from rich.text import Text
 
 from client.route import format_ranges
+from client.settings import ENV_INITIAL_PEERS, initial_peers_from
 from swarm.dht import PeerRecord, SwarmDHT
 from swarm.errors import SwarmError
 from swarm.records import ModelRegistration, PeerState
 
 app = typer.Typer(add_completion=False, help="Check that a swarm serves every block of its models.")
-ENV_INITIAL_PEERS = "SWARM_INITIAL_PEERS"
 MIN_PING_TIMEOUT = 0.5  # seconds a ping gets even when the reads used up most of the budget
 
 
@@ -254,10 +254,6 @@ def _ruler(num_blocks: int) -> str:
     return "".join(f"{i:<10}" for i in range(0, num_blocks, 10))[:num_blocks]
 
 
-def _initial_peers(flags: Optional[list[str]]) -> list[str]:
-    return flags or os.environ.get(ENV_INITIAL_PEERS, "").replace(",", " ").split()
-
-
 async def _run(peers: list[str], refs: list[str], timeout: float, watch: Optional[float], as_json: bool,
                codes: list[int]) -> None:
     """One check, or one every `watch` seconds; SIGTERM cancels so our p2pd is always shut down."""
@@ -309,7 +305,7 @@ def health(
     if json_schema:
         print(json.dumps(HealthReport.model_json_schema(), indent=2))
         return
-    peers = _initial_peers(initial_peers)
+    peers = initial_peers_from(initial_peers)
     if not peers:
         print(f"error: no swarm to check: give --initial-peers MULTIADDR or set {ENV_INITIAL_PEERS}", file=sys.stderr)
         raise typer.Exit(2)

@@ -1,7 +1,16 @@
 """Client settings: timeouts and retry limits, with defaults documented in docs/operations.md."""
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, ConfigDict, Field
+
+ENV_INITIAL_PEERS = "SWARM_INITIAL_PEERS"  # read by the command-line tools (swarm-health, swarm-api), not by ClientSettings
+
+
+def initial_peers_from(flags: list[str] | None) -> list[str]:
+    """The multiaddrs given as flags, else those in $SWARM_INITIAL_PEERS (space or comma separated)."""
+    return flags or os.environ.get(ENV_INITIAL_PEERS, "").replace(",", " ").split()
 
 
 class ClientSettings(BaseModel):

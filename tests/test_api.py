@@ -1,0 +1,324 @@
+"""swarm-api against a real one-peer swarm, driven with the official openai package as users would.
+
+The gateway runs as the `swarm-api` command (a subprocess on a free port) serving the default model,
+which one peer serves fully, and a tiny model nobody serves. Texts are compared with the swarm
+client's own greedy generation in this process (tests/test_generate.py shows that equals transformers).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from client import SwarmClient
+from client.generation import eos_ids
+from peer.launcher import LocalSwarm
+from tests.rpc_helpers import info
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key"
+MODEL = "smollm2-135m"
+UNSERVED = "tiny-unserved"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The capital of France is"
+NEW_TOKENS = 8
+LONG = 2000  # tokens a generation would take minutes for: only a disconnect ends it early
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory):
+    local = LocalSwarm(tmp_path_factory.mktemp("api-logs"), ["--announce-period", "5"])
+    try:
+        local.add(["--blocks", "0:30"])
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def unserved(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama under a name of its own, with a word-level tokenizer (every word unknown)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("unserved") / UNSERVED
+    shutil.copytree(tiny_llama, folder)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+def start_api(*args: str, log: Path | None = None) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
+    """`swarm-api ARGS` with its stdout lines pumped into a queue; stderr goes to `log`, else to a pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "SWARM_INITIAL_PEERS"}
+    stderr = subprocess.PIPE if log is None else log.open("w")
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "client.api", *args], stdout=subprocess.PIPE,
+                                   stderr=stderr, env=env, text=True, cwd=ROOT)
+    finally:
+        if log is not None:
+            stderr.close()  # the child has its own copy
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    return process, lines
+
+
+@pytest.fixture(scope="module")
+def gateway(swarm: LocalSwarm, unserved: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The base URL (…/v1) of swarm-api, started as an operator would, stopped with SIGTERM at the end."""
+    log = tmp_path_factory.mktemp("api-logs") / "swarm-api.log"
+    process, lines = start_api("--initial-peers", swarm.initial_peers[0], "--model", MODEL, "--model", str(unserved),
+                               "--port", "0", "--api-key", KEY, "--log-level", "warning", log=log)
+    try:
+        try:
+            ready = lines.get(timeout=120)
+        except queue.Empty:
+            ready = ""
+        assert ready.startswith("ready: http://127.0.0.1:"), f"{ready!r}, log: {log.read_text()[-3000:]}"
+        assert ready.split()[2:4] == ["serving", f"{MODEL},"], ready
+        yield ready.split()[1]
+    finally:
+        process.terminate()
+        try:
+            assert process.wait(30) == 0
+        finally:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def api(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(swarm: LocalSwarm):
+    """The swarm client in this process: the expected texts, and its DHT node asks the peer for its sessions."""
+    client = SwarmClient(swarm.initial_peers)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def greedy(reference: SwarmClient):
+    """greedy(prompt, max_new_tokens) -> (text, tokens generated, finish reason), computed from token ids
+    (no TextStream involved), once per module for each prompt."""
+
+    @functools.cache
+    def generate(prompt: str, max_new_tokens: int) -> tuple[str, int, str]:
+        ids = reference.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        new = reference.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+        ended = new[-1] in eos_ids(reference.model.generation_config)
+        return reference.tokenizer.decode(new, skip_special_tokens=True), len(new), "stop" if ended else "length"
+
+    return generate
+
+
+def prompt_tokens(reference: SwarmClient, prompt: str) -> int:
+    return len(reference.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def chat_prompt(reference: SwarmClient) -> str:
+    return reference.tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+
+
+def open_sessions(reference: SwarmClient, swarm: LocalSwarm) -> int:
+    return info(reference.model.dht, swarm.peers[0].peer_id).open_sessions
+
+
+def test_chat_streamed_equals_whole_and_greedy(api: openai.OpenAI, reference: SwarmClient, greedy) -> None:
+    whole = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=NEW_TOKENS, temperature=0)
+    [choice] = whole.choices
+    text, generated, finish = greedy(chat_prompt(reference), NEW_TOKENS)
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", text, finish)
+    assert "Paris" in text and whole.model == MODEL and whole.object == "chat.completion"
+    expected_usage = (prompt_tokens(reference, chat_prompt(reference)), generated)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == expected_usage
+    assert whole.usage.total_tokens == sum(expected_usage)
+
+    chunks = list(api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=NEW_TOKENS, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert len({c.id for c in chunks}) == 1 and len(chunks) > 4
+
+
+def test_completion_streamed_equals_whole_and_greedy(api: openai.OpenAI, reference: SwarmClient, greedy) -> None:
+    whole = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0)
+    [choice] = whole.choices
+    text, generated, finish = greedy(PROMPT, NEW_TOKENS)
+    assert (choice.text, choice.finish_reason) == (text, finish)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens(reference, PROMPT), generated)
+
+    chunks = list(api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text and len(chunks) > 3
+    assert chunks[-1].choices[0].finish_reason == finish
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stop_strings_cut_the_text(api: openai.OpenAI, greedy) -> None:
+    full, _, _ = greedy(PROMPT, NEW_TOKENS)
+    stop = full[len(full) // 2: len(full) // 2 + 3]  # three characters that likely straddle two tokens
+    expected = full[: full.find(stop)]
+    whole = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0, stop=[stop, "@@@"])
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+    assert whole.usage.completion_tokens < NEW_TOKENS
+    chunks = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0, stop=stop,
+                                    stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == expected  # nothing of the stop string slipped out
+
+
+def test_seed_makes_sampling_repeat(api: openai.OpenAI) -> None:
+    def sample(seed: int, stream: bool = False) -> str:
+        answer = api.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0,
+                                        seed=seed, stream=stream)
+        return "".join(c.choices[0].text for c in answer) if stream else answer.choices[0].text
+
+    first = sample(1234)
+    assert sample(1234, stream=True) == first
+    assert sample(4321) != first
+
+
+def test_concurrent_requests_are_all_correct(api: openai.OpenAI, greedy) -> None:
+    prompts = [PROMPT, "def fibonacci(n):", "Once upon a time", "The best way to learn is"]
+    expected = [greedy(p, NEW_TOKENS)[0] for p in prompts]
+
+    def complete(prompt: str) -> str:
+        return api.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(complete, prompts)) == expected
+
+
+def test_disconnect_closes_the_session_on_the_peer(gateway: str, reference: SwarmClient, swarm: LocalSwarm) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0}
+
+    def sessions_drop_to_zero() -> float:
+        started = time.monotonic()
+        while open_sessions(reference, swarm) and time.monotonic() - started < 10:
+            time.sleep(0.1)
+        assert open_sessions(reference, swarm) == 0
+        return time.monotonic() - started
+
+    with httpx.Client(base_url=gateway, headers=headers, timeout=60) as http:
+        with http.stream("POST", "/completions", json={**body, "stream": True}) as events:
+            assert events.status_code == 200
+            lines = events.iter_lines()  # kept: dropping the iterator would close the connection
+            assert next(lines).startswith("data: {")
+            assert open_sessions(reference, swarm) == 1
+            # served while the long stream goes on: requests do not queue behind each other
+            other = http.post("/completions", json={**body, "max_tokens": 4})
+            assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 4
+            assert open_sessions(reference, swarm) == 1
+        sessions_drop_to_zero()
+
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up while it generates
+            http.post("/completions", json=body, timeout=2)
+        sessions_drop_to_zero()
+
+
+def test_errors_in_openai_format(api: openai.OpenAI, gateway: str) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.completions.create(model="no-such-model", prompt=PROMPT)
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+
+    bad_requests = [
+        (dict(temperature=5), "temperature", None),
+        (dict(n=2), "n", None),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop", None),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role", None),
+        (dict(max_tokens=100_000), "messages", "context_length_exceeded"),
+        (dict(model=UNSERVED), "messages", "no_chat_template"),
+        (dict(frequency_penalty=0.5), "frequency_penalty", None),
+    ]
+    for fields, param, code in bad_requests:
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.chat.completions.create(**{"model": MODEL, "messages": MESSAGES, "max_tokens": 4, **fields})
+        assert (bad.value.param, bad.value.code, bad.value.type) == (param, code, "invalid_request_error"), fields
+        assert code or bad.value.body["message"].startswith(f"{param}: "), bad.value.body
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body, message in [(b"{", "the body is not valid JSON"), (b"[]", "the body must be a JSON object")]:
+        answer = httpx.post(f"{gateway}/completions", content=body, headers=headers)
+        assert answer.status_code == 400 and answer.json()["error"]["message"].startswith(message), answer.text
+
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        openai.OpenAI(base_url=gateway, api_key="wrong", max_retries=0).models.list()
+    assert wrong.value.code == "invalid_api_key"
+    no_key = httpx.get(f"{gateway}/models")
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+
+    def unservable(stream: bool) -> openai.APIStatusError:
+        with pytest.raises(openai.APIStatusError) as unavailable:
+            api.completions.create(model=UNSERVED, prompt="hello there", max_tokens=4, stream=stream)
+        return unavailable.value
+
+    with ThreadPoolExecutor(2) as pool:  # each waits the client's route_timeout (5 s) for peers to appear
+        for error in pool.map(unservable, [False, True]):
+            assert (error.status_code, error.code, error.type) == (503, "swarm_unavailable", "server_error")
+            assert "served by nobody" in error.body["message"]
+
+
+def test_models_health_metrics_and_openapi(api: openai.OpenAI, gateway: str) -> None:
+    assert [m.id for m in api.models.list()] == [MODEL]  # the unserved model is configured but not covered
+
+    root = gateway.removesuffix("/v1")
+    health = httpx.get(f"{root}/health", timeout=30)
+    report = health.json()
+    assert health.status_code == 503 and not report["healthy"]
+    assert [(m["name"], m["covered"]) for m in report["models"]] == [(MODEL, True), (UNSERVED, False)]
+    assert any(UNSERVED in problem for problem in report["problems"])
+
+    def metrics() -> dict[tuple, float]:
+        text = httpx.get(f"{root}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = metrics()
+    answer = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="no-such-model", prompt=PROMPT)
+    after = metrics()
+    moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    completions = (("endpoint", "/v1/completions"),)
+    assert moved[("swarm_api_requests_total", completions + (("status", "200"),))] == 1
+    assert moved[("swarm_api_requests_total", completions + (("status", "404"),))] == 1
+    assert moved[("swarm_api_errors_total", (("type", "invalid_request_error"),))] == 1
+    assert moved[("swarm_api_tokens_total", (("kind", "prompt"), ("model", MODEL)))] == answer.usage.prompt_tokens
+    assert moved[("swarm_api_tokens_total", (("kind", "completion"), ("model", MODEL)))] == answer.usage.completion_tokens
+    assert moved[("swarm_api_request_duration_seconds_count", completions)] == 2
+    assert moved[("swarm_api_time_to_first_token_seconds_count", (("model", MODEL),))] == 1
+
+    schema = httpx.get(f"{root}/openapi.json").json()
+    assert {path: sorted(ops) for path, ops in schema["paths"].items()} == {
+        "/v1/chat/completions": ["post"], "/v1/completions": ["post"], "/v1/models": ["get"],
+        "/health": ["get"], "/metrics": ["get"]}
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert {"200", "400", "401", "404", "503"} <= set(chat["responses"])
+    assert chat["responses"]["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
+    assert "ChatCompletionChunk" in schema["components"]["schemas"] and "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(unserved: Path) -> None:
+    no_swarm, _ = start_api()
+    assert no_swarm.wait(60) == 2
+    assert no_swarm.stderr.read() == "error: no swarm to serve: give --initial-peers MULTIADDR or set SWARM_INITIAL_PEERS\n"
+    unknown, _ = start_api("--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x", "--port", "0", "--model", str(unserved / "nope"))
+    assert unknown.wait(60) == 2
+    error = unknown.stderr.read()
+    assert error.count("\n") == 1 and error.startswith("error: model") and "nope" in error, error
