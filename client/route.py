@@ -73,7 +73,7 @@ def _explain_gap(first: int, last: int, peers: dict[str, PeerRecord], unusable: 
     missing = [i for i in range(first, last) if i not in covered]
     spans = ", ".join(f"{a.start}:{a.end}" for a in sorted(usable, key=lambda a: (a.start, a.end))) or "nothing"
     count = len(unusable & set(peers))
-    skipped = f" ({count} peers skipped as failed or unreachable)" if count else ""
+    skipped = f" ({count} peers skipped as failed, unreachable or full)" if count else ""
     return f"blocks {format_ranges(missing) or '(unreachable)'} are served by nobody; the swarm has {spans}{skipped}"
 
 

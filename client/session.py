@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 class HopFailed(SwarmError):
     """A peer failed us: error reply, lost connection, timeout, or it is leaving."""
 
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code  # the peer's ErrorReply code, if it sent one
+
 
 class HopStream:
     """One open `inference` stream to one peer, for blocks [hop.start, hop.end)."""
@@ -35,6 +39,7 @@ class HopStream:
     def __init__(self, hop: Hop):
         self.hop = hop
         self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
+        self.steps = 0  # steps this peer has answered: the number of the next one
         self._queue: asyncio.Queue = asyncio.Queue()
         self._responses = None
 
@@ -59,13 +64,23 @@ class HopStream:
         await self._receive(protocol.Opened, timeout)
 
     async def step(
-        self, step: int, hidden: torch.Tensor, mask: torch.Tensor | None, timeout: float, probe: "Probe | None" = None
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        timeout: float,
+        probe: "Probe | None" = None,
+        push: "list[HopStream]" = (),
     ) -> torch.Tensor:
+        """This hop's output for new positions. With `push`, the peer also hands its output straight to
+        those later hops, which may then answer before we send them the same input ourselves."""
         tensors = (hidden,) if mask is None else (hidden, mask)
-        self._queue.put_nowait(protocol.pack_request(protocol.Step(session_id=self.session_id, step=step), *tensors))
-        _, tensors = await self._receive(protocol.StepResult, timeout, probe)
-        if len(tensors) != 1 or tensors[0].shape != hidden.shape:
+        targets = [protocol.PushTarget(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in push]
+        request = protocol.Step(session_id=self.session_id, step=self.steps, push=targets)
+        self._queue.put_nowait(protocol.pack_request(request, *tensors))
+        message, tensors = await self._receive(protocol.StepResult, timeout, probe)
+        if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
+        self.steps += 1
         return tensors[0]
 
     async def _receive(self, expected: type, timeout: float, probe: "Probe | None" = None):
@@ -83,7 +98,7 @@ class HopStream:
         if isinstance(message, protocol.ErrorReply):
             if message.code == "bad_request":  # our own input was wrong: no other peer would take it either
                 raise ProtocolError(f"peer {self.hop.peer_id[-8:]} rejected our request: {message.message}")
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} refused: {message.message}")
+            raise HopFailed(f"peer {self.hop.peer_id[-8:]} refused: {message.message}", message.code)
         if isinstance(message, protocol.Leaving):
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} is leaving")
         if not isinstance(message, expected):
@@ -196,7 +211,8 @@ class InferenceSession:
         while index < len(self.streams):
             stream = self.streams[index]
             try:
-                output = await stream.step(self.steps, hidden, mask, self.settings.step_timeout, self.probe)
+                push = self.streams[index + 1 :] if self.settings.push else []
+                output = await stream.step(hidden, mask, self.settings.step_timeout, self.probe, push)
             except HopFailed as e:
                 retries += 1
                 if retries > self.settings.max_retries:
@@ -215,9 +231,10 @@ class InferenceSession:
     async def _open_route(self, first: int, last: int) -> list[HopStream]:
         """Open streams that cover [first, last), skipping peers that refuse or fail to answer."""
         deadline = time.monotonic() + self.settings.route_timeout
+        full: set[str] = set()  # peers whose cache cannot hold this session: skipped here, not banned
         while True:
             await self.view.ensure_fresh()
-            banned = self.bans.active()
+            banned = self.bans.active() | full
             peers = {p: r for p, r in self.view.online_peers().items() if p not in banned}
             rtts = await self.view.rtts(list(peers))
             try:
@@ -236,7 +253,10 @@ class InferenceSession:
                     opened.append(stream)
             except HopFailed as e:
                 logger.warning(f"{e}; trying another route")
-                self.bans.ban(hop.peer_id)
+                if e.code == "cache_full":  # busy, not broken: other sessions may still use it
+                    full.add(hop.peer_id)
+                else:
+                    self.bans.ban(hop.peer_id)
                 for failed in [*opened, stream]:
                     failed.close()
                 continue
@@ -253,8 +273,8 @@ class InferenceSession:
             try:
                 for stream in new:
                     outputs = []
-                    for step, (hidden, mask) in enumerate(replay):
-                        outputs.append((await stream.step(step, hidden, mask, self.settings.step_timeout, self.probe), mask))
+                    for hidden, mask in replay:
+                        outputs.append((await stream.step(hidden, mask, self.settings.step_timeout, self.probe), mask))
                     if stream.hop.end != failed.end:
                         self.history[stream.hop.end] = outputs
                     replay = outputs

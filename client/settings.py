@@ -27,3 +27,4 @@ class ClientSettings(BaseModel):
     ban_seconds: float = Field(default=15.0, gt=0, description="first ban of a failed peer; doubles on each repeat")
     max_ban_seconds: float = Field(default=300.0, gt=0)
     refresh_period: float = Field(default=3.0, gt=0, description="seconds between background swarm view refreshes")
+    push: bool = Field(default=True, description="peers pass hidden states straight to the next hop of the route")

@@ -1,4 +1,4 @@
-"""The peer's RPC handlers: inference sessions, stateless forward, and info.
+"""The peer's RPC handlers: inference sessions, pushes from other peers, stateless forward, and info.
 
 Handlers run on the event loop and only parse, check and route; all model work goes through the
 step scheduler, which batches steps of different sessions on the peer's compute thread, so a slow
@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from peer.scheduler import StepScheduler
 from peer.sessions import Session, SessionRefused, SessionRegistry
 from swarm import protocol
 from swarm.errors import ProtocolError
-from swarm.protocol import ErrorReply, Leaving, OpenSession, Opened, Step, StepResult
+from swarm.protocol import ErrorReply, Leaving, OpenSession, Opened, Pushed, Step, StepResult
 from swarm.cache import SpanCache
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
 _LEAVING, _IDLE, _CLOSED = object(), object(), object()
+PUSH_TIMEOUT = 10.0
 
 
 class PeerService:
@@ -39,6 +41,8 @@ class PeerService:
         self.idle_timeout = idle_timeout
         self.leaving = asyncio.Event()
         self.steps_in_flight = 0
+        self.p2p: P2P | None = None
+        self._pushes: set[asyncio.Task] = set()  # pushes in flight, kept so they are not garbage-collected
 
     async def register(self, p2p: P2P) -> None:
         ExpertRequest = runtime_pb2.ExpertRequest
@@ -46,6 +50,8 @@ class PeerService:
         # a stream, not a unary call: unary messages are capped at 4 MiB by the daemon
         await p2p.add_protobuf_handler(protocol.FORWARD, self.forward, ExpertRequest, stream_output=True)
         await p2p.add_protobuf_handler(protocol.INFO, self.rpc_info, ExpertRequest)
+        await p2p.add_protobuf_handler(protocol.PUSH, self.rpc_push, ExpertRequest)
+        self.p2p = p2p
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return protocol.pack_response(self.info())
@@ -64,30 +70,33 @@ class PeerService:
         except Exception as e:
             logger.exception("forward failed")
             return protocol.pack_response(ErrorReply(code="internal", message=f"internal error: {e}"))
-
     async def inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session: Session | None = None
-        requests = aiter(requests)
+        inputs = _Inputs(aiter(requests))
         try:
             while True:
-                request = await self._next(requests)
-                if request is _CLOSED:
+                event = await inputs.next(session, self.leaving, self.idle_timeout)
+                if event is _CLOSED:
                     return
-                if request is _LEAVING:
+                if event is _LEAVING:
                     yield protocol.pack_response(Leaving())
                     return
-                if request is _IDLE:
+                if event is _IDLE:
                     yield protocol.pack_response(ErrorReply(code="idle", message=f"session idle for {self.idle_timeout:.0f} s, closed"))
                     return
                 try:
-                    message, tensors = protocol.unpack_request(request)
+                    if isinstance(event, _Pushed):
+                        if event.step == session.steps:  # else the client's own copy came first
+                            yield await self._run_step(session, event.step, event.hidden, event.mask, event.push)
+                        continue
+                    message, tensors = protocol.unpack_request(event)
                     if session is None:
                         session = self._open(message, str(context.remote_id))
                         yield protocol.pack_response(Opened(session_id=session.session_id, cache_tokens_left=self.sessions.tokens_left))
-                    else:
-                        yield await self._step(session, message, tensors)
+                    elif (reply := await self._step(session, message, tensors)) is not None:
+                        yield reply
                 except SessionRefused as e:
                     yield protocol.pack_response(ErrorReply(code=e.code, message=str(e)))
                     return
@@ -97,6 +106,7 @@ class PeerService:
             logger.exception("inference session failed")
             yield protocol.pack_response(ErrorReply(code="internal", message=f"internal error: {e}"))
         finally:
+            inputs.close()
             if session is not None:
                 self.sessions.close(session.session_id)
                 logger.info(f"session {session.session_id} closed after {session.steps} steps")
@@ -112,16 +122,59 @@ class PeerService:
                     f"{message.batch_size}x{message.max_length} tokens")
         return session
 
-    async def _step(self, session: Session, message, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
+    async def _step(self, session: Session, message, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse | None:
         if not isinstance(message, Step):
             raise ProtocolError(f"expected a step, got {message.type!r}")
         if message.session_id != session.session_id:
             return protocol.pack_response(ErrorReply(
                 code="unknown_session", message=f"unknown session {message.session_id}: this stream carries {session.session_id}"))
+        if message.step > session.steps:
+            raise ProtocolError(f"step {message.step} skips ahead: the session's next step is {session.steps}")
         hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
-        output = await self._compute(session.span, hidden, session.cache, mask)
+        if message.step < session.steps:
+            return None  # its pushed copy came first and was answered
+        return await self._run_step(session, message.step, hidden, mask, message.push)
+
+    async def _run_step(self, session: Session, step: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                        push: list[protocol.PushTarget]) -> runtime_pb2.ExpertResponse:
+        output = (await self._compute(session.span, hidden, session.cache, mask)).to(hidden.dtype)
         session.steps += 1
-        return protocol.pack_response(StepResult(step=message.step, length=session.cache.length), output.to(hidden.dtype))
+        if push:
+            task = asyncio.create_task(self._push(push, output, mask))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+        return protocol.pack_response(StepResult(step=step, length=session.cache.length), output)
+
+    async def _push(self, targets: list[protocol.PushTarget], hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Hand our output to the next hop at once; if this fails, the client's own copy still gets there."""
+        tensors = (hidden,) if mask is None else (hidden, mask)
+        if sum(t.numel() * t.element_size() for t in tensors) > protocol.MAX_PUSH_BYTES:
+            return
+        target = targets[0]
+        request = protocol.pack_request(protocol.Push(session_id=target.session_id, step=target.step, push=targets[1:]), *tensors)
+        try:
+            reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                PeerID.from_base58(target.peer_id), protocol.PUSH, request, runtime_pb2.ExpertResponse), PUSH_TIMEOUT)
+            message, _ = protocol.unpack_response(reply)
+            if not isinstance(message, Pushed):
+                logger.debug(f"push to {target.peer_id[-8:]} refused: {message}")
+        except Exception as e:
+            logger.debug(f"push to {target.peer_id[-8:]} failed: {e!r}")
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Another peer's output for one of our sessions, queued for that session's stream to compute."""
+        try:
+            message, tensors = protocol.unpack_request(request)
+            if not isinstance(message, protocol.Push):
+                raise ProtocolError(f"expected a push, got {message.type!r}")
+            session = self.sessions.sessions.get(message.session_id)
+            if session is None:
+                return protocol.pack_response(ErrorReply(code="unknown_session", message=f"unknown session {message.session_id}"))
+            hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
+            session.pushed.put_nowait(_Pushed(message.step, hidden, mask, message.push))
+            return protocol.pack_response(Pushed())
+        except ProtocolError as e:
+            return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
 
     async def _compute(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
         self.steps_in_flight += 1
@@ -130,20 +183,6 @@ class PeerService:
         finally:
             self.steps_in_flight -= 1
 
-    async def _next(self, requests):
-        """The next request, or why there is none: the peer is leaving, the session idled, or it ended."""
-        next_request = asyncio.ensure_future(anext(requests))
-        leaving = asyncio.ensure_future(self.leaving.wait())
-        done, _ = await asyncio.wait({next_request, leaving}, timeout=self.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
-        leaving.cancel()
-        if next_request in done:
-            try:
-                return next_request.result()
-            except StopAsyncIteration:
-                return _CLOSED
-        next_request.cancel()
-        return _LEAVING if leaving in done else _IDLE
-
     async def drain(self, grace: float) -> None:
         """Let steps in flight finish (up to `grace` seconds), then tell every open session we leave."""
         deadline = asyncio.get_running_loop().time() + grace
@@ -151,3 +190,47 @@ class PeerService:
             await asyncio.sleep(0.05)
         self.leaving.set()
         await asyncio.sleep(0.2)  # let the streams send their Leaving message
+
+
+@dataclass
+class _Pushed:
+    step: int
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    push: list[protocol.PushTarget]
+
+
+class _Inputs:
+    """What a session's stream waits for: the client's next request, a pushed input, or a reason to stop.
+
+    The pending read of the client's stream survives a push that arrives first: cancelling a read
+    halfway would break hivemind's request iterator.
+    """
+
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        self.requests = requests
+        self.pending: asyncio.Future | None = None
+
+    async def next(self, session: Session | None, leaving: asyncio.Event, idle_timeout: float):
+        if self.pending is None:
+            self.pending = asyncio.ensure_future(anext(self.requests))
+        stop = asyncio.ensure_future(leaving.wait())
+        pushed = asyncio.ensure_future(session.pushed.get()) if session is not None else None
+        waiting = {self.pending, stop} | ({pushed} if pushed is not None else set())
+        done, _ = await asyncio.wait(waiting, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if pushed is not None:
+            if pushed in done:
+                return pushed.result()
+            pushed.cancel()
+        if self.pending in done:
+            request, self.pending = self.pending, None
+            try:
+                return request.result()
+            except StopAsyncIteration:
+                return _CLOSED
+        return _LEAVING if stop in done else _IDLE
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()

@@ -5,6 +5,7 @@ cannot hold at once, and the process never runs out of memory halfway through so
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,8 @@ class Session:
     cache: SpanCache
     remote: str
     opened_at: float = field(default_factory=time.monotonic)
-    steps: int = 0
+    steps: int = 0  # steps computed: the number of the next one
+    pushed: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs other peers pushed for this session
 
 
 class SessionRegistry:

@@ -17,6 +17,10 @@ from swarm.errors import ProtocolError
 INFERENCE = "swarm.inference"  # bidirectional stream: one session
 FORWARD = "swarm.forward"  # one request, one response: a whole sequence, no cache
 INFO = "swarm.info"  # unary: what a peer serves and how loaded it is
+PUSH = "swarm.push"  # unary: a peer hands its output straight to the next hop of a client's route
+
+MAX_PUSH_BYTES = 1024**2  # larger outputs are not pushed (unary calls are capped at 4 MiB): the client sends them
+MAX_PUSH_HOPS = 64
 
 MAX_BATCH = 64
 MAX_LENGTH = 65_536  # positions in one session
@@ -42,12 +46,35 @@ class OpenSession(_Message):
     batch_size: int = Field(gt=0, le=MAX_BATCH)
 
 
+class PushTarget(_Message):
+    """A later hop of the route: its peer, its session there, and the step number this input is there."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(pattern=SESSION_ID)
+    step: int = Field(ge=0)
+
+
 class Step(_Message):
-    """New positions of an open session. Tensors: hidden [batch, new, hidden], optional mask [batch, new]."""
+    """New positions of an open session. Tensors: hidden [batch, new, hidden], optional mask [batch, new].
+
+    Steps of a session are numbered 0, 1, 2... A step number already computed is a duplicate (its
+    input came first by push) and gets no reply; a number ahead of the next is refused. With `push`,
+    the peer also sends its output (and the mask) straight to push[0], passing on push[1:].
+    """
 
     type: Literal["step"] = "step"
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
+    push: list[PushTarget] = Field(default=[], max_length=MAX_PUSH_HOPS)
+
+
+class Push(_Message):
+    """Sent by a peer to the next hop: the input of `step` of `session_id`, as the client would send it."""
+
+    type: Literal["push"] = "push"
+    session_id: str = Field(pattern=SESSION_ID)
+    step: int = Field(ge=0)
+    push: list[PushTarget] = Field(default=[], max_length=MAX_PUSH_HOPS)
 
 
 class ForwardRequest(_Message):
@@ -60,6 +87,12 @@ class ForwardRequest(_Message):
 
 class InfoRequest(_Message):
     type: Literal["info"] = "info"
+
+
+class Pushed(_Message):
+    """Reply to a push: the input was queued for its session (its result goes to the client's stream)."""
+
+    type: Literal["pushed"] = "pushed"
 
 
 class Opened(_Message):
@@ -109,8 +142,8 @@ class PeerInfo(_Message):
     passes: int = Field(ge=0, description="batched passes those steps took: fewer passes than steps means batching")
 
 
-Request = Annotated[Union[OpenSession, Step, ForwardRequest, InfoRequest], Field(discriminator="type")]
-Response = Annotated[Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo], Field(discriminator="type")]
+Request = Annotated[Union[OpenSession, Step, ForwardRequest, InfoRequest, Push], Field(discriminator="type")]
+Response = Annotated[Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo, Pushed], Field(discriminator="type")]
 _REQUEST: TypeAdapter = TypeAdapter(Request)
 _RESPONSE: TypeAdapter = TypeAdapter(Response)
 

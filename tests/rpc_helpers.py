@@ -28,8 +28,12 @@ class RawStream:
         )
 
     def send(self, request: runtime_pb2.ExpertRequest, timeout: float = 30):
-        loop.event_loop().call_soon_threadsafe(self.queue.put_nowait, request)
+        self.queue_only(request)
         return self.receive(timeout)
+
+    def queue_only(self, request: runtime_pb2.ExpertRequest) -> None:
+        """Send without waiting for a reply (for messages that get none)."""
+        loop.event_loop().call_soon_threadsafe(self.queue.put_nowait, request)
 
     def receive(self, timeout: float = 30):
         async def next_response():

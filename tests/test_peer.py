@@ -94,6 +94,32 @@ def test_inference_and_forward_match_local_span(swarm, dht, local_span):
     torch.testing.assert_close(tensors[0], Span(MODEL, 12, 14).forward(prompt), atol=1e-4, rtol=0)
 
 
+def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
+    """Peer 0 pushes its output to peer 1's session: peer 1 answers without a message from us, and our
+    own (late) copy of that input is a duplicate it ignores."""
+    torch.manual_seed(2)
+    first, second = swarm.peers[0].peer_id, swarm.peers[1].peer_id
+    tail = Span(MODEL, 10, 12)
+    head_cache, tail_cache = local_span.new_cache(1, 16), tail.new_cache(1, 16)
+    a, b = RawStream(dht, first), RawStream(dht, second)
+    a.send(protocol.pack_request(OpenSession(session_id="push-a", start=0, end=10, max_length=16, batch_size=1)))
+    b.send(protocol.pack_request(OpenSession(session_id="push-b", start=10, end=12, max_length=16, batch_size=1)))
+    for step, x in enumerate([torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)]):
+        target = protocol.PushTarget(peer_id=second, session_id="push-b", step=step)
+        reply, (middle,) = a.send(protocol.pack_request(Step(session_id="push-a", step=step, push=[target]), x))
+        torch.testing.assert_close(middle, local_span.forward(x, head_cache), atol=1e-4, rtol=0)
+        reply, (out,) = b.receive()  # nothing sent to b: the push fed it
+        assert isinstance(reply, StepResult) and reply.step == step
+        torch.testing.assert_close(out, tail.forward(middle, tail_cache), atol=1e-4, rtol=0)
+        b.queue_only(protocol.pack_request(Step(session_id="push-b", step=step), middle))  # the client's late copy
+    x = torch.randn(1, 1, HIDDEN)
+    reply, (out,) = b.send(protocol.pack_request(Step(session_id="push-b", step=2), x))
+    assert reply.step == 2 and reply.length == 6
+    torch.testing.assert_close(out, tail.forward(x, tail_cache), atol=1e-4, rtol=0)
+    a.close()
+    b.close()
+
+
 def bad_inputs():
     """(name, request factory for session 'victim' with max_length 8 after one good step, expected words)."""
     good = torch.randn(1, 1, HIDDEN)
@@ -118,6 +144,7 @@ def bad_inputs():
         ("unparseable", garbage, "invalid message metadata"),
         ("torn tensor", torn, "needs"),
         ("wrong batch", step(torch.randn(2, 1, HIDDEN)), "batch size"),
+        ("skips ahead", protocol.pack_request(Step(session_id="victim", step=7), good), "skips ahead"),
     ]
 
 
@@ -146,7 +173,7 @@ def test_bad_input_never_disturbs_other_sessions(swarm, dht, local_span):
         assert words in reply.message, (name, reply.message)
         bystander_step(i)
     # the victim's session survives its own bad messages too
-    reply, _ = victim.send(protocol.pack_request(Step(session_id="victim", step=99), torch.randn(1, 1, HIDDEN)))
+    reply, _ = victim.send(protocol.pack_request(Step(session_id="victim", step=1), torch.randn(1, 1, HIDDEN)))
     assert isinstance(reply, StepResult) and reply.length == 2
 
     duplicate = RawStream(dht, peer)
@@ -160,7 +187,7 @@ def test_bad_input_never_disturbs_other_sessions(swarm, dht, local_span):
     assert isinstance(reply, ErrorReply) and "not within this peer's span" in reply.message
     reply, _ = forward(dht, peer, protocol.pack_request(ForwardRequest(start=0, end=10), torch.randn(1, 3, HIDDEN - 1)))
     assert isinstance(reply, ErrorReply) and "hidden size" in reply.message
-    bystander_step(100)
+    bystander_step(len(bad_inputs()) + 1)
     for stream in (victim, bystander):
         stream.close()
 
