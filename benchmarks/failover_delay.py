@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine_info
 from client import DistributedModelForCausalLM
 from peer.launcher import LocalSwarm
 
@@ -87,6 +88,7 @@ def main() -> None:
         **{f"{k}_extra_s": round(statistics.median(v), 2) for k, v in results.items()},
         "runs": results,
         "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),
     }
     out = Path(__file__).parent / "results" / "failover_delay.json"
     out.parent.mkdir(exist_ok=True)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "load_memory.json"
@@ -174,9 +175,6 @@ def main() -> None:
         ]
         print(f"{DESCRIPTIONS[case]:<50}" + "".join(f"{v:>14.0f}" for v in row) + f"{r['load_seconds']:>14.1f}")
 
-    import torch
-    import transformers
-
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -187,12 +185,7 @@ def main() -> None:
                 "repeat": args.repeat,
                 "units": "MiB (peak RSS from getrusage ru_maxrss; file_backed from smaps_rollup after the forward), seconds",
                 "cases": {case: {"description": DESCRIPTIONS[case], **r} for case, r in results.items()},
-                "environment": {
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "cpus": os.cpu_count(),
-                },
+                "environment": machine_info(),
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
             indent=2,

@@ -1,0 +1,432 @@
+"""How close a swarm comes to the same model in one process: the numbers behind issue #7.
+
+    python -m benchmarks.speed                       # baseline, one peer, three peers; 5 runs
+    python -m benchmarks.speed --runs 1 --concurrency 1,4 --delay-ms 0,25
+
+Every figure is the median of `--runs` runs; in each run the local baseline (transformers `generate`
+on the same weights, in this process) and every swarm are measured one after another, so ratios
+compare like with like on a busy machine. The swarm's greedy tokens must equal the baseline's, or
+the benchmark stops: a fast wrong answer is worth nothing. Peers are real `swarm-serve` processes on
+127.0.0.1. See docs/performance.md for what each figure means.
+"""
+from __future__ import annotations
+
+import shlex
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import typer
+
+from benchmarks.common import (
+    Bootstrap, check_route, cold_route, console, load_average, machine_info, median, parse_list, summary, table,
+    warm_routes, write_results,
+)
+
+SPLITS = {"one": ["0:30"], "three": ["0:10", "10:20", "20:30"]}
+START_BLOCKS = "0:10"  # the peer whose start-to-ready time is measured
+PROMPT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a wooden screw press into a system that could produce books far "
+    "faster than any scribe. Within fifty years presses were running in more than two hundred cities across "
+    "Europe, and the price of books fell so sharply that reading spread from monasteries to merchants. "
+)
+WARM_ROUTE_REPEATS = 20
+app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
+
+
+@dataclass
+class Generation:
+    """One greedy generation timed token by token."""
+
+    ttft_s: float  # call start to the first new token: prefill (and, in a swarm, opening the session)
+    decode_tokens_per_s: float  # every token after the first
+    tokens: list[int]
+
+
+class _Clock:
+    """A streamer that notes when each new token arrives; `generate` first puts the prompt."""
+
+    def __init__(self, on_first: Callable[[], None] | None = None):
+        self.times: list[float] = []
+        self.on_first = on_first
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if not self.times and self.on_first is not None:
+            self.on_first()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(generate: Callable[..., torch.Tensor], ids: torch.Tensor, new_tokens: int,
+                   on_first: Callable[[], None] | None = None) -> tuple[Generation, _Clock]:
+    """Greedy, EOS disabled, `new_tokens + 1` tokens: the first one closes the prefill, the rest are decode."""
+    clock = _Clock(on_first)
+    started = time.perf_counter()
+    out = generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1, do_sample=False,
+                   eos_token_id=None, streamer=clock)
+    tokens = out[0, ids.shape[1]:].tolist()
+    assert len(tokens) == new_tokens + 1, f"expected {new_tokens + 1} tokens, got {len(tokens)}"
+    decode = clock.times[-1] - clock.times[0]
+    return Generation(clock.times[0] - started, new_tokens / decode, tokens), clock
+
+
+class Baseline:
+    """transformers' own model on the same weights, in float32, in this process: the physical limit."""
+
+    def __init__(self, model):
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # the GGUF de-quantization bar would bury the tables in a log
+        logging.set_verbosity_error()
+        if model.gguf_file is not None:
+            file = model.gguf_file
+            self.model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model.folder, dtype=torch.float32)
+        self.model.eval()
+        self.pad = model.tokenizer().pad_token_id or 0
+
+    def generate(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(ids, pad_token_id=self.pad, **kwargs)
+
+
+@dataclass
+class Target:
+    """One swarm configuration under test: its client, and what to do before each measurement."""
+
+    name: str
+    client: Any  # DistributedModelForCausalLM
+    initial_peers: list[str]
+    prepare: Callable[[], None] = lambda: None
+    proxies: Any = None  # ProxyHost when the peers sit behind delay proxies
+    results: dict[str, list] = field(default_factory=dict)
+
+    def record(self, key: str, value: Any) -> None:
+        self.results.setdefault(key, []).append(value)
+
+
+def concurrent_decode(client, ids: torch.Tensor, new_tokens: int, sessions: int, expected: list[int]) -> float:
+    """Aggregate decode tokens/s of `sessions` threads generating at once on one client object.
+
+    A barrier after every thread's first token starts the clock, so all sessions are open and decoding
+    together; prefill is left out. Each thread's tokens must equal the baseline's.
+    """
+    barrier = threading.Barrier(sessions, timeout=300)
+    started: list[float] = []
+    ends: list[float] = []
+    errors: list[BaseException] = []
+
+    def first_token() -> None:
+        if barrier.wait() == 0:
+            started.append(time.perf_counter())
+
+    def worker() -> None:
+        try:
+            generation, clock = timed_generate(client.generate, ids, new_tokens, on_first=first_token)
+            assert generation.tokens == expected, "a concurrent session's tokens differ from the baseline's"
+            ends.append(clock.times[-1])
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, name=f"session-{i}") for i in range(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return sessions * new_tokens / (max(ends) - started[0])
+
+
+def _prompt(tokenizer, length: int) -> torch.Tensor:
+    text = PROMPT_TEXT
+    while len(tokenizer(text).input_ids) < length:
+        text += PROMPT_TEXT
+    return tokenizer(text, return_tensors="pt").input_ids[:, :length]
+
+
+def _client_settings(pairs: list[str]) -> dict[str, str]:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--client-setting")
+        settings[key.strip().replace("-", "_")] = value.strip()  # ClientSettings (pydantic) converts the type
+    return settings
+
+
+def _payload_bytes(positions: int, model) -> int:
+    return positions * model.hidden_size * 4  # float32 hidden states, one way, per hop
+
+
+@app.command()
+def main(
+    splits: str = typer.Option("one,three", help="Swarms: one (0:30), three (0:10,10:20,20:30); '' for none."),
+    runs: int = typer.Option(5, min=1, help="Runs per figure; the median is reported."),
+    new_tokens: int = typer.Option(64, min=2, help="Decode tokens timed per generation (after the first token)."),
+    prompt_tokens: int = typer.Option(100, min=1, help="Prompt length in tokens."),
+    concurrency: str = typer.Option("1,2,4,8,16", help="Concurrent sessions against the three-peer swarm; '' to skip."),
+    delay_ms: str = typer.Option("", help="One-way delays for a three-peer swarm behind proxies, e.g. 0,5,25,50."),
+    bandwidth_mbps: Optional[float] = typer.Option(None, help="Bandwidth cap of each proxy, Mbit/s per direction."),
+    start_runs: Optional[int] = typer.Option(None, help="Peer start-to-ready runs (default: --runs; 0 to skip)."),
+    model_ref: str = typer.Option("smollm2-135m", "--model", help="Model reference, as swarm-serve --model takes."),
+    peer_threads: Optional[int] = typer.Option(None, help="--torch-threads of every peer (default: this process's)."),
+    client_setting: list[str] = typer.Option([], help="KEY=VALUE passed to the client (ClientSettings); repeatable."),
+    peer_arg: list[str] = typer.Option([], help="swarm-serve arguments for every peer: --peer-arg=--dtype=bfloat16."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Result file (default: benchmarks/results/)."),
+) -> None:
+    """Measure the baseline and the swarms in the same run, print ratios, write JSON."""
+    from client import DistributedModelForCausalLM, loop
+    from peer.launcher import LocalSwarm, start_peer
+    from swarm.reference import resolve_model
+
+    split_names = parse_list(splits, str)
+    unknown = set(split_names) - set(SPLITS)
+    if unknown:
+        raise typer.BadParameter(f"unknown {sorted(unknown)}; choose from {sorted(SPLITS)}", param_hint="--splits")
+    levels, delays = parse_list(concurrency), parse_list(delay_ms, float)
+    settings = _client_settings(client_setting)
+    threads = peer_threads or torch.get_num_threads()
+    extra = [a for arg in peer_arg for a in shlex.split(arg)]
+    peer_args = ["--model", model_ref, "--torch-threads", str(threads), *extra]
+    start_runs = runs if start_runs is None else start_runs
+    logs = Path(tempfile.mkdtemp(prefix="speed-bench-"))
+    model = resolve_model(model_ref)
+    ids = _prompt(model.tokenizer(), prompt_tokens)
+    info = machine_info()
+    console.print(f"{model.name}: prompt {ids.shape[1]} tokens, {new_tokens} decode tokens, {runs} runs; "
+                  f"peer torch threads {threads}, client {torch.get_num_threads()}; peer logs {logs}")
+
+    with ExitStack() as stack:
+        with console.status("loading the baseline (transformers)"):
+            baseline = Baseline(model)
+        targets: list[Target] = []
+
+        def add_client(initial_peers: list[str]):
+            client = DistributedModelForCausalLM.from_pretrained(model_ref, initial_peers=initial_peers, **settings)
+            stack.callback(client.close)
+            return client
+
+        for split in split_names:
+            swarm = stack.enter_context(LocalSwarm(logs / split, peer_args))
+            for blocks in SPLITS[split]:
+                with console.status(f"starting a peer for blocks {blocks} ({split})"):
+                    swarm.add(["--blocks", blocks], f"{split}-{blocks.replace(':', '-')}")
+            name = f"{split} peer{'s' if len(SPLITS[split]) > 1 else ''}"
+            targets.append(Target(name, add_client(swarm.initial_peers), swarm.initial_peers))
+        if delays:
+            targets += _proxied_targets(stack, logs, peer_args, delays, bandwidth_mbps, add_client)
+
+        with console.status("warming up"):
+            expected = timed_generate(baseline.generate, ids, new_tokens)[0].tokens
+            for target in targets:
+                target.prepare()
+                _check_tokens(target, timed_generate(target.client.generate, ids, new_tokens)[0], expected)
+        baseline_runs: list[Generation] = []
+        for run in range(runs):
+            with console.status(f"run {run + 1}/{runs}: baseline"):
+                baseline_runs.append(timed_generate(baseline.generate, ids, new_tokens)[0])
+                _check_tokens(None, baseline_runs[-1], expected)
+            _progress(f"run {run + 1}/{runs}", "baseline", baseline_runs[-1])
+            for target in targets:
+                with console.status(f"run {run + 1}/{runs}: {target.name}"):
+                    _measure_target(target, ids, new_tokens, expected, model, loop)
+                _progress(f"run {run + 1}/{runs}", target.name, target.results["generation"][-1])
+
+        concurrency_results: dict[int, list[float]] = {}
+        three = next((t for t in targets if t.name.startswith("three") and t.proxies is None), None)
+        if levels and three is None:
+            console.print("[yellow]--concurrency needs the three-peer swarm (--splits three): skipped[/yellow]")
+        elif levels:
+            for level in levels:
+                for run in range(runs):
+                    with console.status(f"{level} concurrent sessions, run {run + 1}/{runs}"):
+                        rate = concurrent_decode(three.client, ids, new_tokens, level, expected)
+                        concurrency_results.setdefault(level, []).append(rate)
+                    console.print(f"{level} sessions, run {run + 1}/{runs}: {rate:.2f} tok/s", highlight=False)
+
+        start_times: list[float] = []
+        join = targets[0].initial_peers if targets else []
+        for run in range(start_runs if join else 0):
+            with console.status(f"peer start to ready, run {run + 1}/{start_runs}"):
+                started = time.perf_counter()
+                args = [*(a for m in join for a in ("--initial-peers", m)), *peer_args, "--blocks", START_BLOCKS]
+                peer = start_peer(args, logs, f"start-{run}")
+                start_times.append(time.perf_counter() - started)
+                peer.stop()
+            console.print(f"peer start, run {run + 1}/{start_runs}: {start_times[-1]:.2f} s", highlight=False)
+
+    report = _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, bandwidth_mbps,
+                     baseline_runs, targets, concurrency_results, start_times, info)
+    path = write_results("speed", report, json_path)
+    console.print(f"wrote {path}")
+
+
+def _progress(run: str, name: str, generation: Generation) -> None:
+    """One line per measurement, so a long run shows how it goes (and a log keeps every value)."""
+    console.print(f"{run}: {name}: TTFT {generation.ttft_s:.3f} s, {generation.decode_tokens_per_s:.2f} tok/s",
+                  highlight=False)
+
+
+def _check_tokens(target: Target | None, generation: Generation, expected: list[int]) -> None:
+    if generation.tokens != expected:
+        where = target.name if target else "the baseline"
+        first = next(i for i, (a, b) in enumerate(zip(generation.tokens, expected)) if a != b)
+        raise SystemExit(f"{where} generated different tokens from token {first} on: the benchmark is void")
+
+
+def _measure_target(target: Target, ids: torch.Tensor, new_tokens: int, expected: list[int], model, loop) -> None:
+    """One run of one swarm: a timed generation (tokens checked), warm route builds, one cold route."""
+    target.prepare()
+    before = target.proxies.bytes() if target.proxies else None
+    generation = timed_generate(target.client.generate, ids, new_tokens)[0]
+    _check_tokens(target, generation, expected)
+    target.record("generation", generation)
+    if before is not None:
+        moved = [(up - up0, down - down0) for (up, down), (up0, down0) in zip(target.proxies.bytes(), before)]
+        least = _payload_bytes(ids.shape[1] + new_tokens, model)
+        if any(min(pair) < least for pair in moved):
+            raise SystemExit(f"{target.name}: a proxy forwarded {moved} bytes, less than the {least} bytes of hidden "
+                             "states each hop must see: the client reached a peer around its proxy")
+        target.record("proxy_bytes", moved)
+    target.record("warm_route_s", median(loop.run(warm_routes(target.client.view, WARM_ROUTE_REPEATS))))
+    timing, hops = loop.run(cold_route(target.initial_peers, model))
+    check_route(hops, model.num_blocks)
+    target.record("cold_route", timing.as_dict())
+
+
+def _proxied_targets(stack: ExitStack, logs: Path, peer_args: list[str], delays: list[float],
+                     bandwidth_mbps: float | None, add_client) -> list[Target]:
+    """Three peers, each behind its own delay proxy, joined through a bootstrap node that serves nothing;
+    one Target per delay (the proxies' delay changes between measurements)."""
+    from benchmarks.delay_proxy import ProxyHost, start_proxied_peer
+
+    bootstrap = Bootstrap()
+    stack.callback(bootstrap.close)
+    proxies = ProxyHost()
+    stack.callback(proxies.close)
+    for blocks in SPLITS["three"]:
+        with console.status(f"starting a peer for blocks {blocks} behind a proxy"):
+            peer, _ = start_proxied_peer(proxies, [*peer_args, "--blocks", blocks], logs / "proxied",
+                                         f"proxied-{blocks.replace(':', '-')}", bootstrap.maddrs)
+            stack.callback(peer.stop)
+    client = add_client(bootstrap.maddrs)
+    targets = []
+    for delay in delays:
+        def prepare(delay: float = delay) -> None:
+            proxies.set_link(delay, bandwidth_mbps)
+            time.sleep(2 * delay / 1000 + 0.05)  # chunks already scheduled under the old link drain first
+        targets.append(Target(f"three peers, {delay:g} ms" + (f", {bandwidth_mbps:g} Mbit/s" if bandwidth_mbps else ""),
+                              client, bootstrap.maddrs, prepare, proxies))
+    return targets
+
+
+def _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, bandwidth_mbps, baseline_runs,
+            targets, concurrency_results, start_times, info) -> dict[str, Any]:
+    """Print the tables and return the JSON document."""
+    base_ttft = median(g.ttft_s for g in baseline_runs)
+    base_rate = median(g.decode_tokens_per_s for g in baseline_runs)
+    rows = [["baseline (transformers, 1 process)", base_ttft, 1.0, base_rate, 1.0, None, None, None]]
+    swarms = {}
+    for target in targets:
+        generations = target.results["generation"]
+        ttft = median(g.ttft_s for g in generations)
+        rate = median(g.decode_tokens_per_s for g in generations)
+        warm = median(target.results["warm_route_s"])
+        cold = [c["total_s"] for c in target.results["cold_route"]]
+        rows.append([target.name, ttft, ttft / base_ttft, rate, rate / base_rate, 1000 / rate, warm * 1000,
+                     median(cold)])
+        swarms[target.name] = {
+            "ttft_s": summary(g.ttft_s for g in generations),
+            "ttft_ratio": round(ttft / base_ttft, 3),
+            "decode_tokens_per_s": summary(g.decode_tokens_per_s for g in generations),
+            "decode_ratio": round(rate / base_rate, 3),
+            "warm_route_s": summary(target.results["warm_route_s"], 6),
+            "cold_route_s": summary(cold),
+            "cold_route_stages": target.results["cold_route"],
+            "proxy_bytes_per_generation": target.results.get("proxy_bytes"),
+        }
+    console.print(table(f"{model.name}: {ids.shape[1]}-token prompt, {new_tokens} decode tokens, median of {runs} runs",
+                        ["", "TTFT s", "× base", "decode tok/s", "× base", "ms/token", "warm route ms", "cold route s"],
+                        rows))
+    concurrency = {}
+    if concurrency_results:
+        one = median(concurrency_results.get(1, [])) if 1 in concurrency_results else None
+        crow = []
+        for level, rates in concurrency_results.items():
+            rate = median(rates)
+            crow.append([level, rate, rate / level, None if one is None else rate / one])
+            concurrency[level] = {"aggregate_tokens_per_s": summary(rates),
+                                  "ratio_to_one_session": None if one is None else round(rate / one, 3)}
+        console.print(table("three peers, concurrent sessions (decode only)",
+                            ["sessions", "aggregate tok/s", "per session", "× 1 session"], crow))
+    if start_times:
+        console.print(table("peer start", ["", "median s", "min s", "max s"],
+                            [[f"swarm-serve --blocks {START_BLOCKS}: spawn to ready", median(start_times),
+                              min(start_times), max(start_times)]]))
+    result_targets = _targets_met(swarms, start_times)
+    console.print(table("issue #7 targets", ["figure", "value", "target", "met"],
+                        [[k, v["value"], v["target"], "yes" if v["met"] else "NO"] for k, v in result_targets.items()]))
+    return {
+        "benchmark": "speed",
+        "model": model.name,
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "torch_threads": {"peers": threads, "client_and_baseline": torch.get_num_threads()},
+        "client_settings": settings,
+        "peer_args": peer_args,
+        "proxies": {"delays_ms": delays, "bandwidth_mbps": bandwidth_mbps} if delays else None,
+        "machine": info,
+        "load_average_at_end": load_average(),
+        "baseline": {"ttft_s": summary(g.ttft_s for g in baseline_runs),
+                     "decode_tokens_per_s": summary(g.decode_tokens_per_s for g in baseline_runs)},
+        "swarms": swarms,
+        "concurrency": concurrency,
+        "peer_start_to_ready_s": summary(start_times) if start_times else None,
+        "targets": result_targets,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _targets_met(swarms: dict[str, dict], start_times: list[float]) -> dict[str, dict]:
+    """The issue's targets, for the swarms this run measured."""
+    out = {}
+
+    def add(name: str, value: float, target: str, met: bool) -> None:
+        out[name] = {"value": round(value, 3), "target": target, "met": bool(met)}
+
+    if "three peers" in swarms:
+        s = swarms["three peers"]
+        add("three peers: decode × baseline", s["decode_ratio"], "≥ 0.9", s["decode_ratio"] >= 0.9)
+        add("three peers: TTFT × baseline", s["ttft_ratio"], "≤ 1.2", s["ttft_ratio"] <= 1.2)
+    if "one peer" in swarms:
+        s = swarms["one peer"]
+        add("one peer: decode × baseline", s["decode_ratio"], "≥ 0.95", s["decode_ratio"] >= 0.95)
+    for name, s in swarms.items():
+        if " ms" not in name:
+            warm_ms = s["warm_route_s"]["median"] * 1000
+            add(f"{name}: warm route ms", warm_ms, "< 500", warm_ms < 500)
+            add(f"{name}: cold route s", s["cold_route_s"]["median"], "< 3", s["cold_route_s"]["median"] < 3)
+    if start_times:
+        add(f"peer start to ready ({START_BLOCKS}) s", median(start_times), "< 15", median(start_times) < 15)
+    return out
+
+
+if __name__ == "__main__":
+    app()
