@@ -3,8 +3,10 @@
 One decode token is a matrix-vector product per weight matrix; the steps of many sessions together
 are one matrix-matrix product at nearly the same cost. The scheduler therefore never runs a step
 alone if others are waiting: each pass takes every waiting step that fits the limits and runs them
-as one batch (Span.forward_batch). It never waits for more steps to arrive, so a lone session pays
-no delay; batches form on their own while a pass is computing.
+as one batch (Span.forward_batch). A lone session never waits. When several sessions are decoding
+here but only some of their steps have arrived, the scheduler waits a little for the others (at
+most `max_wait`, and never longer than half a pass): without that, sessions spread along a route's
+pipeline keep arriving one by one and every pass stays small.
 
 Long inputs (prefills, forward calls) run in chunks of at most `max_tokens` tokens, so one long
 prompt delays other sessions' decode steps by at most one chunk. Steps that were left out of a
@@ -48,11 +50,13 @@ class _Job:
 
 
 class StepScheduler:
-    def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int):
-        self.compute, self.max_rows, self.max_tokens = compute, max_rows, max_tokens
+    def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int, max_wait: float):
+        self.compute, self.max_rows, self.max_tokens, self.max_wait = compute, max_rows, max_tokens, max_wait
         self.waiting: list[_Job] = []
         self.passes = self.batched_steps = 0  # what the batches looked like, for info and logs
         self._arrivals = itertools.count()
+        self._last_seen: dict[int, float] = {}  # id(cache) -> when that session last sent a step
+        self._pass_time = 0.0  # duration of the last pass
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -65,7 +69,9 @@ class StepScheduler:
         span.check(hidden, cache)  # a bad step fails alone, before it can join a batch
         if self._task is None:
             self._task = asyncio.create_task(self._serve())
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._last_seen[id(cache)] = loop.time()
+        future = loop.create_future()
         self.waiting.append(_Job(span, hidden, cache, mask, future, next(self._arrivals)))
         self._wake.set()
         return await future
@@ -75,8 +81,10 @@ class StepScheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._gather()
             while batch := self._take():
                 steps = [self._next_chunk(job, positions) for job, positions in batch]
+                started = loop.time()
                 try:
                     outputs = await loop.run_in_executor(self.compute, batch[0][0].span.forward_batch, steps)
                 except Exception as e:
@@ -84,6 +92,7 @@ class StepScheduler:
                     for job, _ in batch:
                         self._finish(job, e)
                     continue
+                self._pass_time = loop.time() - started
                 self.passes += 1
                 self.batched_steps += len(batch)
                 for (job, positions), output in zip(batch, outputs):
@@ -91,6 +100,21 @@ class StepScheduler:
                     job.done += positions
                     if job.remaining == 0:
                         self._finish(job, None)
+
+    async def _gather(self) -> None:
+        """Wait briefly for the steps of sessions that are active here but have not sent theirs yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.max_wait, self._pass_time / 2)
+        while (remaining := deadline - loop.time()) > 0:
+            recent = loop.time() - 2 * self._pass_time - self.max_wait
+            self._last_seen = {key: seen for key, seen in self._last_seen.items() if seen > recent}
+            if len({id(job.cache) for job in self.waiting}) >= len(self._last_seen):
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+            self._wake.clear()
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The jobs of the next pass and how many positions of each: left-out jobs first, then short ones."""

@@ -73,7 +73,7 @@ class Peer:
 
         span = await self._load(model, start, end)
         self.announcer.throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
-        self.scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens)
+        self.scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait)
         self.service = PeerService(span, self.sessions, self.scheduler, lambda: self._info(model), settings.session_idle_timeout)
         await self.service.register(self.dht.p2p)
         await self.announcer.announce(PeerState.online)
@@ -89,7 +89,7 @@ class Peer:
         try:
             await asyncio.wait_for(self.announcer.announce(PeerState.offline), timeout=5)
         except Exception as e:
-            logger.warning(f"could not announce offline: {e}")
+            logger.warning(f"could not announce offline: {e!r}")
         await self.service.drain(settings.shutdown_grace)
 
     async def _choose_span(self, model: ResolvedModel) -> tuple[int, int]:
@@ -129,7 +129,7 @@ class Peer:
                 await self.announcer.withdraw(old_start, old_end)
                 await self.announcer.announce(PeerState.online)
             except Exception as e:
-                logger.warning(f"rebalancing check failed: {e}")
+                logger.warning(f"rebalancing check failed: {e!r}")
 
     def _info(self, model: ResolvedModel) -> protocol.PeerInfo:
         return protocol.PeerInfo(

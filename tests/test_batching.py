@@ -83,7 +83,7 @@ def test_scheduler_batches_waiting_steps_and_chunks_long_prefills(tiny_model_pat
     decodes = [torch.randn(1, 1, hidden) for _ in range(4)]
 
     async def scenario():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=8)
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=8, max_wait=0.02)
         caches = [span.new_cache(1, 64) for _ in range(5)]
         finished: list[str] = []
 
@@ -113,7 +113,7 @@ def test_scheduler_rejects_a_bad_step_without_harming_the_batch(tiny_model_path)
     hidden = span.config.hidden_size
 
     async def scenario():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64)
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64, max_wait=0.02)
         full = span.new_cache(1, 2)
         good = asyncio.create_task(scheduler.run(span, torch.randn(1, 3, hidden), span.new_cache(1, 8), None))
         with pytest.raises(Exception, match="exceed the session's max length"):
