@@ -235,8 +235,8 @@ class InferenceSession:
         while True:
             await self.view.ensure_fresh()
             banned = self.bans.active() | full
-            peers = {p: r for p, r in self.view.online_peers().items() if p not in banned}
-            rtts = await self.view.rtts(list(peers))
+            peers = self.view.online_peers()  # all of them: a RouteError counts the skipped ones
+            rtts = await self.view.rtts([p for p in peers if p not in banned])
             try:
                 hops = build_route(self.view.model.num_blocks, peers, rtts, banned, first, last)
             except RouteError:

@@ -70,6 +70,7 @@ class PeerService:
         except Exception as e:
             logger.exception("forward failed")
             return protocol.pack_response(ErrorReply(code="internal", message=f"internal error: {e}"))
+
     async def inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:

@@ -53,16 +53,12 @@ class StepScheduler:
     def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int, max_wait: float):
         self.compute, self.max_rows, self.max_tokens, self.max_wait = compute, max_rows, max_tokens, max_wait
         self.waiting: list[_Job] = []
-        self.passes = self.batched_steps = 0  # what the batches looked like, for info and logs
+        self.passes = self.batched_steps = 0  # what the batches looked like, reported by swarm.info
         self._arrivals = itertools.count()
         self._last_seen: dict[int, float] = {}  # id(cache) -> when that session last sent a step
         self._pass_time = 0.0  # duration of the last pass
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting)
 
     async def run(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
         """The output of `span` for new positions of one session; runs together with other sessions' steps."""
