@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 
 from client import loop
 from client.generation import decode_tokens, generation_config
+from client.head import SharedHead
 from client.route import build_route
 from client.session import Bans, InferenceSession
 from client.settings import ClientSettings
@@ -31,6 +32,7 @@ class DistributedModelForCausalLM:
         self.model, self.settings = model, settings
         self.config = model.config
         self.parts = ClientParts(model, settings.dtype)
+        self.head = SharedHead(self.parts.logits)
         self.generation_config = GenerationConfig.from_model_config(model.config)
         self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
         self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
@@ -68,7 +70,7 @@ class DistributedModelForCausalLM:
         """Logits of the last position after sending new tokens through an open session."""
         hidden = self.parts.embed(input_ids)
         output = loop.run(session.step(hidden, attention_mask))
-        return self.parts.logits(output[:, -1])
+        return self.head(output[:, -1])
 
     def generate(
         self,

@@ -110,6 +110,7 @@ class PeerService:
             inputs.close()
             if session is not None:
                 self.sessions.close(session.session_id)
+                self.scheduler.forget(session.cache)
                 logger.info(f"session {session.session_id} closed after {session.steps} steps")
 
     def _open(self, message, remote: str) -> Session:
@@ -131,9 +132,9 @@ class PeerService:
                 code="unknown_session", message=f"unknown session {message.session_id}: this stream carries {session.session_id}"))
         if message.step > session.steps:
             raise ProtocolError(f"step {message.step} skips ahead: the session's next step is {session.steps}")
-        hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
         if message.step < session.steps:
             return None  # its pushed copy came first and was answered
+        hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
         return await self._run_step(session, message.step, hidden, mask, message.push)
 
     async def _run_step(self, session: Session, step: int, hidden: torch.Tensor, mask: torch.Tensor | None,

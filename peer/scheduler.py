@@ -3,10 +3,14 @@
 One decode token is a matrix-vector product per weight matrix; the steps of many sessions together
 are one matrix-matrix product at nearly the same cost. The scheduler therefore never runs a step
 alone if others are waiting: each pass takes every waiting step that fits the limits and runs them
-as one batch (Span.forward_batch). A lone session never waits. When several sessions are decoding
-here but only some of their steps have arrived, the scheduler waits a little for the others (at
-most `max_wait`, and never longer than half a pass): without that, sessions spread along a route's
-pipeline keep arriving one by one and every pass stays small.
+as one batch (Span.forward_batch).
+
+Each session's steps reach this peer at its own pace, one every so many milliseconds (its whole
+route's round trip). Before a pass, the scheduler waits for the sessions due within `max_wait`
+(never more than half a session's interval): sessions spread along a route's pipeline then meet
+here once and from then on arrive together, so every pass carries all of them. A lone session
+never waits, nor does anyone wait for a session that is late by more than `max_wait` (it paused)
+or has closed.
 
 Long inputs (prefills, forward calls) run in chunks of at most `max_tokens` tokens, so one long
 prompt delays other sessions' decode steps by at most one chunk. Steps that were left out of a
@@ -26,6 +30,19 @@ from swarm.cache import SpanCache
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pace:
+    """When one session's steps reach this peer: its last arrival and the usual interval between two."""
+
+    last: float
+    period: float | None = None
+
+    def arrived(self, now: float) -> None:
+        interval = now - self.last
+        self.period = interval if self.period is None else (self.period + interval) / 2
+        self.last = now
 
 
 @dataclass
@@ -55,8 +72,7 @@ class StepScheduler:
         self.waiting: list[_Job] = []
         self.passes = self.batched_steps = 0  # what the batches looked like, reported by swarm.info
         self._arrivals = itertools.count()
-        self._last_seen: dict[int, float] = {}  # id(cache) -> when that session last sent a step
-        self._pass_time = 0.0  # duration of the last pass
+        self._paces: dict[int, _Pace] = {}  # id(cache) -> when that session's steps arrive
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -66,7 +82,10 @@ class StepScheduler:
         if self._task is None:
             self._task = asyncio.create_task(self._serve())
         loop = asyncio.get_running_loop()
-        self._last_seen[id(cache)] = loop.time()
+        if (pace := self._paces.get(id(cache))) is None:
+            self._paces[id(cache)] = _Pace(loop.time())
+        else:
+            pace.arrived(loop.time())
         future = loop.create_future()
         self.waiting.append(_Job(span, hidden, cache, mask, future, next(self._arrivals)))
         self._wake.set()
@@ -77,10 +96,11 @@ class StepScheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._gather()
-            while batch := self._take():
+            while self.waiting:
+                await self._gather()
+                if not (batch := self._take()):
+                    break
                 steps = [self._next_chunk(job, positions) for job, positions in batch]
-                started = loop.time()
                 try:
                     outputs = await loop.run_in_executor(self.compute, batch[0][0].span.forward_batch, steps)
                 except Exception as e:
@@ -88,7 +108,6 @@ class StepScheduler:
                     for job, _ in batch:
                         self._finish(job, e)
                     continue
-                self._pass_time = loop.time() - started
                 self.passes += 1
                 self.batched_steps += len(batch)
                 for (job, positions), output in zip(batch, outputs):
@@ -98,19 +117,28 @@ class StepScheduler:
                         self._finish(job, None)
 
     async def _gather(self) -> None:
-        """Wait briefly for the steps of sessions that are active here but have not sent theirs yet."""
+        """Wait briefly for the steps of sessions that are due here: they then share this pass."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self.max_wait, self._pass_time / 2)
-        while (remaining := deadline - loop.time()) > 0:
-            recent = loop.time() - 2 * self._pass_time - self.max_wait
-            self._last_seen = {key: seen for key, seen in self._last_seen.items() if seen > recent}
-            if len({id(job.cache) for job in self.waiting}) >= len(self._last_seen):
-                return
+        deadline = loop.time() + self.max_wait
+        while (remaining := deadline - loop.time()) > 0 and self._due(loop.time()):
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 return
             self._wake.clear()
+
+    def _due(self, now: float) -> bool:
+        """Whether a session that has no step waiting should send one within `max_wait`.
+
+        A session is due at its last arrival plus its usual interval; we wait at most half an
+        interval for it. One late by more than `max_wait` has paused: nobody waits for it.
+        """
+        present = {id(job.cache) for job in self.waiting}
+        return any(
+            key not in present and pace.period is not None
+            and -min(self.max_wait, pace.period / 2) <= now - pace.last - pace.period <= self.max_wait
+            for key, pace in self._paces.items()
+        )
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The jobs of the next pass and how many positions of each: left-out jobs first, then short ones."""
@@ -147,6 +175,10 @@ class StepScheduler:
             job.future.set_exception(error)
         else:
             job.future.set_result(torch.cat(job.outputs, dim=1))
+
+    def forget(self, cache: SpanCache) -> None:
+        """A session closed: nobody waits for its next step."""
+        self._paces.pop(id(cache), None)
 
     async def close(self) -> None:
         if self._task is not None:

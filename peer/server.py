@@ -32,7 +32,10 @@ logger = logging.getLogger("swarm-serve")
 class Peer:
     def __init__(self, settings: PeerSettings):
         self.settings = settings
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        threads = settings.torch_threads or torch.get_num_threads()
+        self.compute = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         self.sessions = SessionRegistry(settings.max_cache_tokens)
         self.stopping = asyncio.Event()
 
@@ -40,8 +43,11 @@ class Peer:
         settings, loop = self.settings, asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        # Only the compute thread runs torch with several threads (its own setting, above). If the event
+        # loop's tensor work (checks, conversions) went parallel too, OpenMP would keep a second team
+        # of threads, more than this machine's cores, and switch every team to slow sleeping waits:
+        # passes took 1.7 x as long (docs/batching.md).
+        torch.set_num_threads(1)
         model = await loop.run_in_executor(self.compute, resolve_model, settings.model)
         self.dht = await SwarmDHT.create(
             settings.initial_peers,

@@ -39,7 +39,9 @@ class PeerSettings(BaseModel):
     torch_threads: int | None = Field(default=None, gt=0)
     max_batch_rows: int = Field(default=64, gt=0, description="rows (sessions x their batch) in one batched pass")
     max_batch_tokens: int = Field(default=512, gt=0, description="tokens in one pass; longer inputs run in chunks")
-    max_batch_wait: float = Field(default=0.02, ge=0, description="seconds a pass may wait for active sessions' steps")
+    max_batch_wait: float = Field(
+        default=0.1, ge=0, description="seconds a pass may wait for the steps of sessions due on this peer"
+    )
 
     @field_validator("blocks")
     @classmethod

@@ -25,9 +25,10 @@ class SpanCache:
         shape = (num_blocks, batch_size, num_kv_heads, max_length, head_dim)
         self.first_block = first_block
         self.max_length = max_length
-        # empty, not zeros: allocation is instant and positions past `length` are never read
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        # empty, not zeros: allocation is instant and positions past `length` are never read;
+        # one view per block, so a layer's update indexes no more than its positions
+        self.keys = torch.empty(shape, dtype=dtype, device=device).unbind(0)
+        self.values = torch.empty(shape, dtype=dtype, device=device).unbind(0)
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
         self.length = 0  # positions filled, real or padding
@@ -43,8 +44,8 @@ class SpanCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_) -> tuple[torch.Tensor, torch.Tensor]:
         """Called by transformers' attention: store the new positions, return all positions so far."""
-        block = layer_idx - self.first_block
+        block_keys, block_values = self.keys[layer_idx - self.first_block], self.values[layer_idx - self.first_block]
         end = self.length + keys.shape[2]
-        self.keys[block, :, :, self.length : end] = keys
-        self.values[block, :, :, self.length : end] = values
-        return self.keys[block, :, :, :end], self.values[block, :, :, :end]
+        block_keys[:, :, self.length : end] = keys
+        block_values[:, :, self.length : end] = values
+        return block_keys[:, :, :end], block_values[:, :, :end]

@@ -6,6 +6,7 @@ import torch
 from swarm.dtypes import to_torch_dtype
 from swarm.errors import WeightsError
 from swarm.families import family_of
+from swarm.linear import weight_major
 from swarm.reference import ResolvedModel
 from swarm.weights import load_client_weights
 
@@ -28,7 +29,7 @@ class ClientParts(torch.nn.Module):
             head = weights["model.embed_tokens.weight"]
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
-        self.to(self.dtype).eval()
+        weight_major(self.to(self.dtype).eval())
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from swarm.cache import SpanCache
 from swarm.dtypes import to_torch_dtype
 from swarm.errors import ProtocolError
 from swarm.families import family_of
+from swarm.linear import weight_major
 from swarm.reference import ResolvedModel
 from swarm.weights import load_block_weights
 
@@ -41,7 +42,7 @@ class Span:
             with torch.device("meta"):
                 layer = self.family.decoder_layer(config, layer_idx=index)
             layer.load_state_dict(state, strict=True, assign=True)
-            self.layers.append(layer.to(device=self.device, dtype=self.dtype).eval())
+            self.layers.append(weight_major(layer.to(device=self.device, dtype=self.dtype).eval()))
             if on_block_loaded is not None:
                 on_block_loaded(index)
         self.rotary = self.family.rotary_embedding(config).to(self.device)

@@ -123,3 +123,38 @@ def test_scheduler_rejects_a_bad_step_without_harming_the_batch(tiny_model_path)
         return result
 
     assert asyncio.run(scenario()).shape == (1, 3, hidden)
+
+
+def test_scheduler_brings_sessions_out_of_phase_together(tiny_model_path):
+    """Two sessions stepping at the same pace, half a period apart: once the peer knows their pace, it
+    waits for the later one and from then on both share every pass. Nobody waits for a lone session or
+    for one that closed, even with a long max_wait."""
+    span = Span(resolve_model(str(tiny_model_path("llama"))), 0, 2)
+    hidden = span.config.hidden_size
+
+    async def session(scheduler, cache, steps, period, delay=0.0):
+        await asyncio.sleep(delay)
+        for _ in range(steps):
+            await scheduler.run(span, torch.randn(1, 1, hidden), cache, None)
+            await asyncio.sleep(period)  # the rest of the route
+        scheduler.forget(cache)
+
+    async def out_of_phase():
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64, max_wait=0.1)
+        caches = [span.new_cache(1, 64) for _ in range(2)]
+        await asyncio.gather(session(scheduler, caches[0], 12, 0.08), session(scheduler, caches[1], 12, 0.08, 0.04))
+        await scheduler.close()
+        return scheduler
+
+    scheduler = asyncio.run(out_of_phase())
+    assert scheduler.batched_steps == 24
+    assert scheduler.passes <= 24 - 8, f"{scheduler.passes} passes: the sessions rarely met"
+
+    async def never_waits():
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64, max_wait=60)
+        await asyncio.wait_for(session(scheduler, span.new_cache(1, 64), 5, 0.01), 30)  # alone
+        await session(scheduler, span.new_cache(1, 64), 3, 0.01)  # closes (forget) after 3 steps
+        await asyncio.wait_for(session(scheduler, span.new_cache(1, 64), 3, 0.01), 30)
+        await scheduler.close()
+
+    asyncio.run(never_waits())

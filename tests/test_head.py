@@ -1,0 +1,90 @@
+"""The client's shared LM head and the weight-major linear layers it and the spans use."""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from client.head import SharedHead
+from swarm.linear import WeightMajorLinear, weight_major
+
+
+def test_weight_major_linear_equals_f_linear():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False))
+    expected = {n: module(torch.ones(n, 3, 64) * 0.1 * n) for n in (1, 2, 5)}
+    weight_major(module)
+    assert all(type(layer) is WeightMajorLinear for layer in module)
+    for n, out in expected.items():  # one token: F.linear itself; more: the same sums, other rounding
+        got = module(torch.ones(n, 3, 64) * 0.1 * n)
+        assert got.shape == out.shape and torch.allclose(got, out, rtol=1e-5, atol=1e-6)
+    one = torch.randn(1, 1, 64)
+    assert torch.equal(module(one), torch.nn.functional.linear(torch.nn.functional.linear(one, module[0].weight, module[0].bias), module[1].weight))
+
+
+class _Gate:
+    """Logits whose first product holds until the other callers queue behind it; the second may fail."""
+
+    def __init__(self, lm_head: torch.nn.Module, fail_second: bool = False):
+        self.lm_head, self.fail_second, self.rows = lm_head, fail_second, []
+        self.release = threading.Event()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.rows.append(hidden.shape[0])
+        if len(self.rows) == 1:
+            self.release.wait(10)
+        elif self.fail_second and len(self.rows) == 2:
+            raise RuntimeError("out of memory")
+        return self.lm_head(hidden)
+
+
+def _wait_until(condition) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def _concurrent_calls(gate: _Gate, inputs: list[torch.Tensor]) -> dict[int, torch.Tensor | BaseException]:
+    """Caller 0 starts a product; callers 1.. queue behind it; then the product finishes."""
+    head = SharedHead(gate)
+    results: dict[int, torch.Tensor | BaseException] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = head(inputs[i])
+        except RuntimeError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    threads[0].start()
+    _wait_until(lambda: gate.rows)
+    for t in threads[1:]:
+        t.start()
+    _wait_until(lambda: len(head._waiting) == len(inputs) - 1)
+    gate.release.set()
+    for t in threads:
+        t.join(10)
+    results["after"] = head(inputs[0])  # the head works on after a failed product
+    return results
+
+
+def test_shared_head_serves_concurrent_callers_in_one_product():
+    torch.manual_seed(0)
+    lm_head = weight_major(torch.nn.Linear(32, 1000, bias=False))
+    inputs = [torch.randn(1 + i % 2, 32) for i in range(6)]
+    gate = _Gate(lm_head)
+    results = _concurrent_calls(gate, inputs)
+    assert gate.rows == [1, sum(h.shape[0] for h in inputs[1:]), 1]  # the five queued callers: one product
+    for i, h in enumerate(inputs):
+        assert torch.allclose(results[i], lm_head(h), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_head_error_reaches_every_caller_of_the_failed_product():
+    lm_head = torch.nn.Linear(32, 100, bias=False)
+    inputs = [torch.randn(1, 32) for _ in range(4)]
+    results = _concurrent_calls(_Gate(lm_head, fail_second=True), inputs)
+    assert isinstance(results[0], torch.Tensor)
+    assert all(isinstance(results[i], RuntimeError) and "out of memory" in str(results[i]) for i in (1, 2, 3))
+    assert torch.allclose(results["after"], lm_head(inputs[0]))
