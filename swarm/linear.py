@@ -5,8 +5,8 @@ Both are the same product, but BLAS libraries pick different kernels for them. W
 product that MKL runs far below memory speed, while `W @ x^T` is a tall-and-thin one it streams
 through the weight at full speed. On our 2-core reference machine (MKL on AMD EPYC, float32),
 2 to 16 tokens through 30 SmolLM2 blocks' linears take 25-55 % less time this way, one token takes
-the same, and prompts of 32 to 128 tokens 25-35 % less (docs/batching.md). Results differ from `F.linear` only
-in the rounding of the sums (a few 1e-7 relative).
+the same, and prompts of 32 to 128 tokens 25-35 % less (docs/batching.md). Results differ from
+`F.linear` only in the rounding of the sums (a few 1e-7 relative).
 """
 from __future__ import annotations
 
