@@ -63,7 +63,11 @@ class PeerService:
                 raise ProtocolError(f"expected a forward request, got {message.type!r}")
             part = self.span.view(message.start, message.end)
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size)
-            output = await self._compute(part, hidden, part.new_cache(*hidden.shape[:2]), mask)
+            cache = part.new_cache(*hidden.shape[:2])
+            try:
+                output = await self._compute(part, hidden, cache, mask)
+            finally:
+                self.scheduler.forget(cache)  # a one-shot cache: no pace to keep, and its id may come back
             return protocol.pack_response(StepResult(step=0, length=hidden.shape[1]), output.to(hidden.dtype))
         except ProtocolError as e:
             return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
