@@ -370,8 +370,8 @@ def _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, 
         crow = []
         for level, rates in concurrency_results.items():
             # each run measured every level within minutes: the ratio of a run's pair, median over runs
-            ratio = median([r / o for r, o in zip(rates, ones)]) if ones else None
-            crow.append([level, median(rates), median(rates) / level, ratio])
+            rate, ratio = median(rates), median([r / o for r, o in zip(rates, ones)]) if ones else None
+            crow.append([level, rate, rate / level, ratio])
             concurrency[level] = {"aggregate_tokens_per_s": summary(rates),
                                   "ratio_to_one_session": None if ratio is None else round(ratio, 3)}
         console.print(table("three peers, concurrent sessions (decode only)",
