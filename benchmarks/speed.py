@@ -180,7 +180,10 @@ def main(
     runs: int = typer.Option(5, min=1, help="Runs per figure; the median is reported."),
     new_tokens: int = typer.Option(64, min=2, help="Decode tokens timed per generation (after the first token)."),
     prompt_tokens: int = typer.Option(100, min=1, help="Prompt length in tokens."),
-    concurrency: str = typer.Option("1,2,4,8,16", help="Concurrent sessions against the three-peer swarm; '' to skip."),
+    concurrency: str = typer.Option("1,2,4,8,16", help="Concurrent sessions, on their own three-peer swarm; '' to skip."),
+    concurrency_peer_arg: list[str] = typer.Option(
+        ["--torch-threads=1", "--max-batch-rows=4"],
+        help="swarm-serve arguments added for the concurrency swarm: its three peers share this machine's cores."),
     delay_ms: str = typer.Option("", help="One-way delays for a three-peer swarm behind proxies, e.g. 0,5,25,50."),
     bandwidth_mbps: Optional[float] = typer.Option(None, help="Bandwidth cap of each proxy, Mbit/s per direction."),
     start_runs: Optional[int] = typer.Option(None, help="Peer start-to-ready runs (default: --runs; 0 to skip)."),
@@ -212,32 +215,37 @@ def main(
     console.print(f"{model.name}: prompt {ids.shape[1]} tokens, {new_tokens} decode tokens, {runs} runs; "
                   f"peer torch threads {threads}, client {torch.get_num_threads()}; peer logs {logs}")
 
+    def add_client(stack: ExitStack, initial_peers: list[str]):
+        client = DistributedModelForCausalLM.from_pretrained(model_ref, initial_peers=initial_peers, **settings)
+        stack.callback(client.close)
+        return client
+
+    def start_swarm(stack: ExitStack, label: str, split: str, args: list[str]) -> list[str]:
+        swarm = stack.enter_context(LocalSwarm(logs / label, args))
+        for blocks in SPLITS[split]:
+            with console.status(f"starting a peer for blocks {blocks} ({label})"):
+                swarm.add(["--blocks", blocks], f"{label}-{blocks.replace(':', '-')}")
+        return swarm.initial_peers
+
+    with console.status("loading the baseline (transformers)"):
+        baseline = Baseline(model)
+        expected = timed_generate(baseline.generate, ids, new_tokens)[0].tokens
+    targets: list[Target] = []
+    baseline_runs: list[Generation] = []
+    start_times: list[float] = []
     with ExitStack() as stack:
-        with console.status("loading the baseline (transformers)"):
-            baseline = Baseline(model)
-        targets: list[Target] = []
-
-        def add_client(initial_peers: list[str]):
-            client = DistributedModelForCausalLM.from_pretrained(model_ref, initial_peers=initial_peers, **settings)
-            stack.callback(client.close)
-            return client
-
         for split in split_names:
-            swarm = stack.enter_context(LocalSwarm(logs / split, peer_args))
-            for blocks in SPLITS[split]:
-                with console.status(f"starting a peer for blocks {blocks} ({split})"):
-                    swarm.add(["--blocks", blocks], f"{split}-{blocks.replace(':', '-')}")
+            initial_peers = start_swarm(stack, split, split, peer_args)
             name = f"{split} peer{'s' if len(SPLITS[split]) > 1 else ''}"
-            targets.append(Target(name, add_client(swarm.initial_peers), swarm.initial_peers))
+            targets.append(Target(name, add_client(stack, initial_peers), initial_peers))
         if delays:
-            targets += _proxied_targets(stack, logs, peer_args, delays, bandwidth_mbps, add_client)
+            targets += _proxied_targets(stack, logs, peer_args, delays, bandwidth_mbps,
+                                        lambda initial_peers: add_client(stack, initial_peers))
 
         with console.status("warming up"):
-            expected = timed_generate(baseline.generate, ids, new_tokens)[0].tokens
             for target in targets:
                 target.prepare()
                 _check_tokens(target, timed_generate(target.client.generate, ids, new_tokens)[0], expected)
-        baseline_runs: list[Generation] = []
         for run in range(runs):
             with console.status(f"run {run + 1}/{runs}: baseline"):
                 baseline_runs.append(timed_generate(baseline.generate, ids, new_tokens)[0])
@@ -248,19 +256,6 @@ def main(
                     _measure_target(target, ids, new_tokens, expected, model, loop)
                 _progress(f"run {run + 1}/{runs}", target.name, target.results["generation"][-1])
 
-        concurrency_results: dict[int, list[float]] = {}
-        three = next((t for t in targets if t.name.startswith("three") and t.proxies is None), None)
-        if levels and three is None:
-            console.print("[yellow]--concurrency needs the three-peer swarm (--splits three): skipped[/yellow]")
-        elif levels:
-            for run in range(runs):  # every level in each run, so the ratios compare neighbouring minutes
-                for level in levels:
-                    with console.status(f"{level} concurrent sessions, run {run + 1}/{runs}"):
-                        rate = concurrent_decode(three.client, ids, new_tokens, level, expected)
-                        concurrency_results.setdefault(level, []).append(rate)
-                    console.print(f"{level} sessions, run {run + 1}/{runs}: {rate:.2f} tok/s", highlight=False)
-
-        start_times: list[float] = []
         join = targets[0].initial_peers if targets else []
         for run in range(start_runs if join else 0):
             with console.status(f"peer start to ready, run {run + 1}/{start_runs}"):
@@ -271,8 +266,23 @@ def main(
                 peer.stop()
             console.print(f"peer start, run {run + 1}/{start_runs}: {start_times[-1]:.2f} s", highlight=False)
 
+    # the swarms above are stopped: the concurrency swarm has the machine to itself
+    concurrency_args = [*peer_args, *(a for arg in concurrency_peer_arg for a in shlex.split(arg))]
+    concurrency_results: dict[int, list[float]] = {}
+    with ExitStack() as stack:
+        if levels:
+            concurrent = add_client(stack, start_swarm(stack, "concurrency", "three", concurrency_args))
+            with console.status("warming up"):
+                _check_tokens(None, timed_generate(concurrent.generate, ids, new_tokens)[0], expected)
+        for run in range(runs if levels else 0):  # every level in each run: the ratios compare neighbouring minutes
+            for level in levels:
+                with console.status(f"{level} concurrent sessions, run {run + 1}/{runs}"):
+                    rate = concurrent_decode(concurrent, ids, new_tokens, level, expected)
+                    concurrency_results.setdefault(level, []).append(rate)
+                console.print(f"{level} sessions, run {run + 1}/{runs}: {rate:.2f} tok/s", highlight=False)
+
     report = _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, bandwidth_mbps,
-                     baseline_runs, targets, concurrency_results, start_times, info)
+                     baseline_runs, targets, concurrency_args, concurrency_results, start_times, info)
     path = write_results("speed", report, json_path)
     console.print(f"wrote {path}")
 
@@ -337,7 +347,7 @@ def _proxied_targets(stack: ExitStack, logs: Path, peer_args: list[str], delays:
 
 
 def _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, bandwidth_mbps, baseline_runs,
-            targets, concurrency_results, start_times, info) -> dict[str, Any]:
+            targets, concurrency_args, concurrency_results, start_times, info) -> dict[str, Any]:
     """Print the tables and return the JSON document."""
     base_ttft = median(g.ttft_s for g in baseline_runs)
     base_rate = median(g.decode_tokens_per_s for g in baseline_runs)
@@ -374,7 +384,7 @@ def _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, 
             crow.append([level, rate, rate / level, ratio])
             concurrency[level] = {"aggregate_tokens_per_s": summary(rates),
                                   "ratio_to_one_session": None if ratio is None else round(ratio, 3)}
-        console.print(table("three peers, concurrent sessions (decode only)",
+        console.print(table(f"three peers with {' '.join(concurrency_args[len(peer_args):])}, concurrent sessions (decode only)",
                             ["sessions", "aggregate tok/s", "per session", "× 1 session"], crow))
     if start_times:
         console.print(table("peer start", ["", "median s", "min s", "max s"],
@@ -392,6 +402,7 @@ def _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, 
         "torch_threads": {"peers": threads, "client_and_baseline": torch.get_num_threads()},
         "client_settings": settings,
         "peer_args": peer_args,
+        "concurrency_peer_args": concurrency_args,
         "proxies": {"delays_ms": delays, "bandwidth_mbps": bandwidth_mbps} if delays else None,
         "machine": info,
         "load_average_at_end": load_average(),
@@ -425,7 +436,10 @@ def _targets_met(swarms: dict[str, dict], start_times: list[float], concurrency:
             add(f"{name}: warm route ms", warm_ms, "< 500", warm_ms < 500)
             add(f"{name}: cold route s", s["cold_route_s"]["median"], "< 3", s["cold_route_s"]["median"] < 3)
     if (eight := concurrency.get(8, {}).get("ratio_to_one_session")) is not None:
-        add("three peers: 8 sessions × 1 session", eight, "≥ 4", eight >= 4)
+        add("concurrency swarm: 8 sessions × 1 session", eight, "≥ 4", eight >= 4)
+    if "three peers" in swarms and 1 in concurrency:  # its settings must not cost a lone session anything
+        alone = concurrency[1]["aggregate_tokens_per_s"]["median"] / swarms["three peers"]["decode_tokens_per_s"]["median"]
+        add("concurrency swarm: 1 session × three peers", alone, "≥ 0.9", alone >= 0.9)
     if start_times:
         add(f"peer start to ready ({START_BLOCKS}) s", median(start_times), "< 15", median(start_times) < 15)
     return out

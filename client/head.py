@@ -1,48 +1,73 @@
 """The LM head shared by concurrent generations of one client (a gateway, a benchmark, a batch job).
 
-The head is the biggest matrix a client holds (vocab x hidden: 49152 x 576 for SmolLM2), and on a
-CPU one token through it costs about as much as eight. So concurrent sessions do not each run
-their own product: whoever finds the head idle computes every request waiting at that moment, the
-others wait for their share. Nobody waits for a timer, so a lone generation runs exactly as fast
-as without sharing. A side effect helps the peers too: sessions whose logits came out of one
-product send their next tokens together, so the peers batch those steps (peer/scheduler.py).
+The head is the biggest matrix a client holds (vocab x hidden: 49152 x 576 for SmolLM2, 113 MB in
+float32), and on a CPU one token through it costs about as much as eight. So concurrent sessions
+do not each run their own product: whoever finds the head idle computes every request waiting at
+that moment, the others wait for their share. Before computing, it waits up to `max_wait` for the
+sessions whose step is on its last hop: the last peer answers the sessions of one batched pass one
+after the other, and without the wait those answers would each take a product of their own. A
+lone generation never waits. A side effect helps the peers too: sessions whose logits came out of
+one product send their next tokens together, so the peers batch those steps (peer/scheduler.py).
 """
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
 
 @dataclass
 class _Request:
+    key: Hashable  # the session asking
     hidden: torch.Tensor  # [rows, hidden]
     logits: torch.Tensor | None = None
     error: BaseException | None = None
 
 
 class SharedHead:
-    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor]):
-        self._logits = logits
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], max_wait: float):
+        self._logits, self.max_wait = logits, max_wait
         self._waiting: list[_Request] = []
-        self._waiting_lock = threading.Lock()
+        self._coming: set[Hashable] = set()  # sessions whose step is on its last hop: they ask soon
+        self._arrival = threading.Condition()  # guards _waiting and _coming; notified on every request
         self._computing = threading.Lock()  # held by the thread computing a product for everyone waiting
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits for `hidden` [rows, hidden], computed in one product with other threads' requests."""
-        request = _Request(hidden)
-        with self._waiting_lock:
+    def __call__(self, hidden: torch.Tensor, key: Hashable) -> torch.Tensor:
+        """Logits for `hidden` [rows, hidden] of session `key`, computed in one product with other sessions'."""
+        request = _Request(key, hidden)
+        with self._arrival:
+            self._coming.discard(key)
             self._waiting.append(request)
+            self._arrival.notify_all()
         with self._computing:
             if request.logits is None and request.error is None:  # nobody took it along: compute all waiting
-                with self._waiting_lock:
-                    batch, self._waiting = self._waiting, []
-                self._compute(batch)
+                self._compute(self._gather())
         if request.error is not None:
             raise request.error
         return request.logits
+
+    def expect(self, key: Hashable) -> None:
+        """Session `key` will ask soon: its step reached the last hop of its route."""
+        with self._arrival:
+            self._coming.add(key)
+
+    def forget(self, key: Hashable) -> None:
+        """Session `key` will not ask after all (its step failed, or it closed)."""
+        with self._arrival:
+            self._coming.discard(key)
+            self._arrival.notify_all()
+
+    def _gather(self) -> list[_Request]:
+        """Every waiting request, after waiting briefly for the sessions that are about to ask."""
+        with self._arrival:
+            deadline = time.monotonic() + self.max_wait
+            while self._coming and (now := time.monotonic()) < deadline:
+                self._arrival.wait(deadline - now)
+            batch, self._waiting = self._waiting, []
+        return batch
 
     def _compute(self, batch: list[_Request]) -> None:
         try:

@@ -32,7 +32,7 @@ class DistributedModelForCausalLM:
         self.model, self.settings = model, settings
         self.config = model.config
         self.parts = ClientParts(model, settings.dtype)
-        self.head = SharedHead(self.parts.logits)
+        self.head = SharedHead(self.parts.logits, settings.head_batch_wait)
         self.generation_config = GenerationConfig.from_model_config(model.config)
         self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
         self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
@@ -69,8 +69,12 @@ class DistributedModelForCausalLM:
     def step(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last position after sending new tokens through an open session."""
         hidden = self.parts.embed(input_ids)
-        output = loop.run(session.step(hidden, attention_mask))
-        return self.head(output[:, -1])
+        try:
+            output = loop.run(session.step(hidden, attention_mask, on_last_hop=lambda: self.head.expect(session)))
+        except BaseException:
+            self.head.forget(session)  # it will not ask: nobody waits for it
+            raise
+        return self.head(output[:, -1], session)
 
     def generate(
         self,

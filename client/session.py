@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from hivemind.p2p import PeerID
@@ -70,18 +71,23 @@ class HopStream:
         timeout: float,
         probe: "Probe | None" = None,
         push: "list[HopStream]" = (),
-    ) -> torch.Tensor:
-        """This hop's output for new positions. With `push`, the peer also hands its output straight to
-        those later hops, which may then answer before we send them the same input ourselves."""
-        tensors = (hidden,) if mask is None else (hidden, mask)
-        targets = [protocol.PushTarget(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in push]
-        request = protocol.Step(session_id=self.session_id, step=self.steps, push=targets)
-        self._queue.put_nowait(protocol.pack_request(request, *tensors))
+        send: bool = True,
+    ) -> tuple[torch.Tensor, bool]:
+        """This hop's output for new positions, and whether the peer pushed it to the next hop.
+
+        With `push`, the peer also hands its output straight to those later hops. If the previous hop
+        pushed this input here, `send=False` only waits for the answer.
+        """
+        if send:
+            tensors = (hidden,) if mask is None else (hidden, mask)
+            targets = [protocol.PushTarget(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in push]
+            request = protocol.Step(session_id=self.session_id, step=self.steps, push=targets)
+            self._queue.put_nowait(protocol.pack_request(request, *tensors))
         message, tensors = await self._receive(protocol.StepResult, timeout, probe)
         if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
         self.steps += 1
-        return tensors[0]
+        return tensors[0], message.pushed and bool(push)
 
     async def _receive(self, expected: type, timeout: float, probe: "Probe | None" = None):
         """The next reply. While waiting, `probe()` (if given) is awaited every so often and must say the
@@ -187,8 +193,13 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [s.hop for s in self.streams]
 
-    async def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Send new positions through every hop; returns the hidden states after the last block."""
+    async def step(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, on_last_hop: Callable[[], None] = lambda: None
+    ) -> torch.Tensor:
+        """Send new positions through every hop; returns the hidden states after the last block.
+
+        `on_last_hop` is called when the input reaches the last hop: the caller's next use of the output is near.
+        """
         if self.closed:
             raise SwarmError("the inference session is closed")
         if self.position + hidden.shape[1] > self.max_length:
@@ -202,17 +213,24 @@ class InferenceSession:
         outputs = []
         for offset in range(0, hidden.shape[1], chunk):
             part_mask = None if mask is None else mask[:, offset : offset + chunk]
-            outputs.append(await self._through_route(hidden[:, offset : offset + chunk], part_mask))
+            outputs.append(await self._through_route(hidden[:, offset : offset + chunk], part_mask, on_last_hop))
         self.position += hidden.shape[1]
         return torch.cat(outputs, dim=1)
 
-    async def _through_route(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    async def _through_route(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, on_last_hop: Callable[[], None]
+    ) -> torch.Tensor:
         index, retries = 0, 0
+        pushed_to: HopStream | None = None  # the stream the previous hop's peer handed this input to
         while index < len(self.streams):
             stream = self.streams[index]
+            if index == len(self.streams) - 1:
+                on_last_hop()
             try:
                 push = self.streams[index + 1 :] if self.settings.push else []
-                output = await stream.step(hidden, mask, self.settings.step_timeout, self.probe, push)
+                output, pushed = await stream.step(
+                    hidden, mask, self.settings.step_timeout, self.probe, push, send=stream is not pushed_to
+                )
             except HopFailed as e:
                 retries += 1
                 if retries > self.settings.max_retries:
@@ -224,6 +242,7 @@ class InferenceSession:
                 continue
             # kept only once the hop took it: a failover replays exactly what the failed peer holds
             self.history.setdefault(stream.hop.start, []).append((hidden, mask))
+            pushed_to = push[0] if pushed else None
             hidden, index = output, index + 1
         self.steps += 1
         return hidden
@@ -274,7 +293,8 @@ class InferenceSession:
                 for stream in new:
                     outputs = []
                     for hidden, mask in replay:
-                        outputs.append((await stream.step(hidden, mask, self.settings.step_timeout, self.probe), mask))
+                        output, _ = await stream.step(hidden, mask, self.settings.step_timeout, self.probe)
+                        outputs.append((output, mask))
                     if stream.hop.end != failed.end:
                         self.history[stream.hop.end] = outputs
                     replay = outputs

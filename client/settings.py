@@ -28,3 +28,6 @@ class ClientSettings(BaseModel):
     max_ban_seconds: float = Field(default=300.0, gt=0)
     refresh_period: float = Field(default=3.0, gt=0, description="seconds between background swarm view refreshes")
     push: bool = Field(default=True, description="peers pass hidden states straight to the next hop of the route")
+    head_batch_wait: float = Field(
+        default=0.02, ge=0, le=1, description="seconds the shared LM head waits for sessions on their last hop"
+    )

@@ -39,7 +39,7 @@ def serve(
     torch_threads: Optional[int] = typer.Option(None, help="Threads for compute (default: torch's choice)."),
     max_batch_rows: Optional[int] = typer.Option(None, help="Rows (sessions x batch) computed in one batched pass (default: 64)."),
     max_batch_tokens: Optional[int] = typer.Option(None, help="Tokens in one pass; longer prefills run in chunks (default: 512)."),
-    max_batch_wait: Optional[float] = typer.Option(None, help="Seconds a pass may wait for steps of sessions active here (default: 0.02)."),
+    max_batch_wait: Optional[float] = typer.Option(None, help="Seconds a pass may wait for steps of sessions due here (default: 0.1)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any of these settings (flags win over it)."),
 ) -> None:
     """Load blocks of a model, announce them in the DHT, and serve inference sessions until SIGTERM."""

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from peer.push import Pusher
 from peer.scheduler import StepScheduler
 from peer.sessions import Session, SessionRefused, SessionRegistry
 from swarm import protocol
@@ -25,7 +26,7 @@ from swarm.span import Span
 
 logger = logging.getLogger(__name__)
 _LEAVING, _IDLE, _CLOSED = object(), object(), object()
-PUSH_TIMEOUT = 10.0
+PUSH_ACK_WAIT = 1.0  # how long a step's result waits to tell the client its push was accepted
 
 
 class PeerService:
@@ -41,8 +42,7 @@ class PeerService:
         self.idle_timeout = idle_timeout
         self.leaving = asyncio.Event()
         self.steps_in_flight = 0
-        self.p2p: P2P | None = None
-        self._pushes: set[asyncio.Task] = set()  # pushes in flight, kept so they are not garbage-collected
+        self.pusher: Pusher | None = None
 
     async def register(self, p2p: P2P) -> None:
         ExpertRequest = runtime_pb2.ExpertRequest
@@ -51,7 +51,7 @@ class PeerService:
         await p2p.add_protobuf_handler(protocol.FORWARD, self.forward, ExpertRequest, stream_output=True)
         await p2p.add_protobuf_handler(protocol.INFO, self.rpc_info, ExpertRequest)
         await p2p.add_protobuf_handler(protocol.PUSH, self.rpc_push, ExpertRequest)
-        self.p2p = p2p
+        self.pusher = Pusher(p2p)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return protocol.pack_response(self.info())
@@ -145,42 +145,44 @@ class PeerService:
                         push: list[protocol.PushTarget]) -> runtime_pb2.ExpertResponse:
         output = (await self._compute(session.span, hidden, session.cache, mask)).to(hidden.dtype)
         session.steps += 1
-        if push:
-            task = asyncio.create_task(self._push(push, output, mask))
-            self._pushes.add(task)
-            task.add_done_callback(self._pushes.discard)
-        return protocol.pack_response(StepResult(step=step, length=session.cache.length), output)
+        pushed = bool(push) and await self._accepted_soon(self.pusher.push(push, output, mask))
+        return protocol.pack_response(StepResult(step=step, length=session.cache.length, pushed=pushed), output)
 
-    async def _push(self, targets: list[protocol.PushTarget], hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Hand our output to the next hop at once; if this fails, the client's own copy still gets there."""
-        tensors = (hidden,) if mask is None else (hidden, mask)
-        if sum(t.numel() * t.element_size() for t in tensors) > protocol.MAX_PUSH_BYTES:
-            return
-        target = targets[0]
-        request = protocol.pack_request(protocol.Push(session_id=target.session_id, step=target.step, push=targets[1:]), *tensors)
-        try:
-            reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                PeerID.from_base58(target.peer_id), protocol.PUSH, request, runtime_pb2.ExpertResponse), PUSH_TIMEOUT)
-            message, _ = protocol.unpack_response(reply)
-            if not isinstance(message, Pushed):
-                logger.debug(f"push to {target.peer_id[-8:]} refused: {message}")
-        except Exception as e:
-            logger.debug(f"push to {target.peer_id[-8:]} failed: {e!r}")
+    @staticmethod
+    async def _accepted_soon(accepted: asyncio.Future) -> bool:
+        """Whether the next hop accepted our push within PUSH_ACK_WAIT: if so, the client will not send it
+        this input itself. A slower push goes on, and then the client's copy is sent too."""
+        done, _ = await asyncio.wait({accepted}, timeout=PUSH_ACK_WAIT)
+        return accepted in done and accepted.result()
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """Another peer's output for one of our sessions, queued for that session's stream to compute."""
+        """Other peers' outputs for steps of our sessions, each queued for its session's stream to compute."""
         try:
             message, tensors = protocol.unpack_request(request)
             if not isinstance(message, protocol.Push):
                 raise ProtocolError(f"expected a push, got {message.type!r}")
-            session = self.sessions.sessions.get(message.session_id)
-            if session is None:
-                return protocol.pack_response(ErrorReply(code="unknown_session", message=f"unknown session {message.session_id}"))
-            hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
-            session.pushed.put_nowait(_Pushed(message.step, hidden, mask, message.push))
-            return protocol.pack_response(Pushed())
+            if len(tensors) != sum(1 + item.masked for item in message.items):
+                raise ProtocolError(f"{len(message.items)} push items do not match {len(tensors)} tensors")
         except ProtocolError as e:
             return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
+        accepted, offset = [], 0
+        for item in message.items:
+            count = 1 + item.masked
+            accepted.append(self._accept_push(item, tensors[offset : offset + count]))
+            offset += count
+        return protocol.pack_response(Pushed(accepted=accepted))
+
+    def _accept_push(self, item: protocol.PushItem, tensors: list[torch.Tensor]) -> bool:
+        session = self.sessions.sessions.get(item.session_id)
+        if session is None or item.step != session.steps:  # unknown, or the client's copy came first
+            return False
+        try:
+            hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
+        except ProtocolError as e:
+            logger.debug(f"refused a push for session {item.session_id}: {e}")
+            return False
+        session.pushed.put_nowait(_Pushed(item.step, hidden, mask, item.push))
+        return True
 
     async def _compute(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
         self.steps_in_flight += 1

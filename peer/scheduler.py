@@ -133,6 +133,8 @@ class StepScheduler:
         A session is due at its last arrival plus its usual interval; we wait at most half an
         interval for it. One late by more than `max_wait` has paused: nobody waits for it.
         """
+        if sum(job.rows for job in self.waiting) >= self.max_rows:
+            return False  # the pass is full: whoever comes next waits for the next one anyway
         present = {id(job.cache) for job in self.waiting}
         return any(
             key not in present and pace.period is not None

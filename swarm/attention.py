@@ -29,7 +29,7 @@ class Segment:
     cache: SpanCache
     rows: int
     length: int
-    masks: dict[int | None, torch.Tensor]  # per sliding window: [rows, 1, length, cache positions]
+    masks: dict[int | None, torch.Tensor | None]  # per sliding window: [rows, 1, length, cache positions]
 
     @property
     def tokens(self) -> int:

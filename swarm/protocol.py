@@ -19,8 +19,9 @@ FORWARD = "swarm.forward"  # one request, one response: a whole sequence, no cac
 INFO = "swarm.info"  # unary: what a peer serves and how loaded it is
 PUSH = "swarm.push"  # unary: a peer hands its output straight to the next hop of a client's route
 
-MAX_PUSH_BYTES = 1024**2  # larger outputs are not pushed (unary calls are capped at 4 MiB): the client sends them
+MAX_PUSH_BYTES = 1024**2  # per push call; a larger output is not pushed (unary calls are capped at 4 MiB)
 MAX_PUSH_HOPS = 64
+MAX_PUSH_ITEMS = 256  # steps in one push call
 
 MAX_BATCH = 64
 MAX_LENGTH = 65_536  # positions in one session
@@ -68,13 +69,24 @@ class Step(_Message):
     push: list[PushTarget] = Field(default=[], max_length=MAX_PUSH_HOPS)
 
 
-class Push(_Message):
-    """Sent by a peer to the next hop: the input of `step` of `session_id`, as the client would send it."""
+class PushItem(_Message):
+    """One step's input in a `Push`: the receiving peer's session, its step number there, the rest of the chain."""
 
-    type: Literal["push"] = "push"
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
     push: list[PushTarget] = Field(default=[], max_length=MAX_PUSH_HOPS)
+    masked: bool = False  # the item's tensors are hidden states and a mask, not hidden states alone
+
+
+class Push(_Message):
+    """Sent by a peer to the next hop: inputs of steps of its sessions, as the client would send them.
+
+    Tensors: each item's hidden states, then its mask if `masked`, in the order of `items`. The steps
+    of one batched pass that continue to the same peer travel in one push.
+    """
+
+    type: Literal["push"] = "push"
+    items: list[PushItem] = Field(min_length=1, max_length=MAX_PUSH_ITEMS)
 
 
 class ForwardRequest(_Message):
@@ -90,9 +102,11 @@ class InfoRequest(_Message):
 
 
 class Pushed(_Message):
-    """Reply to a push: the input was queued for its session (its result goes to the client's stream)."""
+    """Reply to a push: per item, whether it was queued as its session's next step (the result goes to
+    the client's stream). Refused: an unknown session, a step that is not the next, bad tensors."""
 
     type: Literal["pushed"] = "pushed"
+    accepted: list[bool]
 
 
 class Opened(_Message):
@@ -107,6 +121,7 @@ class StepResult(_Message):
     type: Literal["result"] = "result"
     step: int
     length: int  # positions the session's cache now holds
+    pushed: bool = False  # the next hop accepted this output by push: the client need not send it there
 
 
 ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal"]

@@ -131,12 +131,15 @@ class Span:
         return outputs
 
     @staticmethod
-    def _mask(cache: SpanCache, start: int, end: int, window: int | None) -> torch.Tensor:
-        """[batch, 1, new, all] booleans: causal, real keys only, within the window; every query sees itself."""
+    def _mask(cache: SpanCache, start: int, end: int, window: int | None) -> torch.Tensor | None:
+        """[batch, 1, new, all] booleans: causal, real keys only, within the window; every query sees itself.
+
+        None when every query sees every key (a decode step without padding): SDPA then skips the mask.
+        """
         queries = torch.arange(start, end, device=cache.valid.device)[:, None]
         keys = torch.arange(end, device=cache.valid.device)[None, :]
         allowed = (keys <= queries) & cache.valid[:, None, :end]
         if window is not None:
             allowed &= (queries - keys) < window
         allowed |= keys == queries  # a padding query attends to itself rather than to nothing (no NaN)
-        return allowed[:, None]
+        return None if bool(allowed.all()) else allowed[:, None]

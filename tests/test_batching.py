@@ -127,8 +127,8 @@ def test_scheduler_rejects_a_bad_step_without_harming_the_batch(tiny_model_path)
 
 def test_scheduler_brings_sessions_out_of_phase_together(tiny_model_path):
     """Two sessions stepping at the same pace, half a period apart: once the peer knows their pace, it
-    waits for the later one and from then on both share every pass. Nobody waits for a lone session or
-    for one that closed, even with a long max_wait."""
+    waits for the later one and from then on both share every pass. Nobody waits for a lone session, for
+    one that closed, or when the waiting steps fill the pass, even with a long max_wait."""
     span = Span(resolve_model(str(tiny_model_path("llama"))), 0, 2)
     hidden = span.config.hidden_size
 
@@ -157,4 +157,15 @@ def test_scheduler_brings_sessions_out_of_phase_together(tiny_model_path):
         await asyncio.wait_for(session(scheduler, span.new_cache(1, 64), 3, 0.01), 30)
         await scheduler.close()
 
+    async def full_pass_never_waits():
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=1, max_tokens=64, max_wait=60)
+        paused = span.new_cache(1, 64)
+        for _ in range(3):
+            await scheduler.run(span, torch.randn(1, 1, hidden), paused, None)
+            await asyncio.sleep(0.01)
+        # `paused` is due from now on for max_wait (60 s), but one row already fills a pass
+        await asyncio.wait_for(session(scheduler, span.new_cache(1, 64), 3, 0.01), 30)
+        await scheduler.close()
+
     asyncio.run(never_waits())
+    asyncio.run(full_pass_never_waits())

@@ -49,12 +49,12 @@ def _wait_until(condition) -> None:
 
 def _concurrent_calls(gate: _Gate, inputs: list[torch.Tensor]) -> dict[int, torch.Tensor | BaseException]:
     """Caller 0 starts a product; callers 1.. queue behind it; then the product finishes."""
-    head = SharedHead(gate)
+    head = SharedHead(gate, max_wait=0)
     results: dict[int, torch.Tensor | BaseException] = {}
 
     def call(i: int) -> None:
         try:
-            results[i] = head(inputs[i])
+            results[i] = head(inputs[i], i)
         except RuntimeError as e:
             results[i] = e
 
@@ -67,7 +67,7 @@ def _concurrent_calls(gate: _Gate, inputs: list[torch.Tensor]) -> dict[int, torc
     gate.release.set()
     for t in threads:
         t.join(10)
-    results["after"] = head(inputs[0])  # the head works on after a failed product
+    results["after"] = head(inputs[0], 0)  # the head works on after a failed product
     return results
 
 
@@ -89,3 +89,28 @@ def test_shared_head_error_reaches_every_caller_of_the_failed_product():
     assert isinstance(results[0], torch.Tensor)
     assert all(isinstance(results[i], RuntimeError) and "out of memory" in str(results[i]) for i in (1, 2, 3))
     assert torch.allclose(results["after"], lm_head(inputs[0]))
+
+
+def test_shared_head_waits_for_sessions_on_their_last_hop_only():
+    """A session expected soon is waited for, so both share one product; a session that will not come
+    (forgotten) or was never expected is not, even with a minute of allowed wait."""
+    rows: list[int] = []
+    lm_head = torch.nn.Linear(8, 16, bias=False)
+    head = SharedHead(lambda h: rows.append(h.shape[0]) or lm_head(h), max_wait=60)
+    x = {key: torch.randn(1, 8) for key in "abc"}
+    results = {}
+    head.expect("a")
+    head.expect("b")
+    first = threading.Thread(target=lambda: results.update(a=head(x["a"], "a")))
+    first.start()
+    time.sleep(0.3)
+    assert first.is_alive() and not rows  # "a" waits for "b"
+    results["b"] = head(x["b"], "b")
+    first.join(10)
+    assert rows == [2] and all(torch.allclose(results[k], lm_head(x[k])) for k in "ab")
+    head.expect("c")
+    head.forget("c")  # its step failed: it will not ask
+    started = time.monotonic()
+    head(x["a"], "a")
+    head(x["b"], "b")  # nobody expected at all
+    assert rows == [2, 1, 1] and time.monotonic() - started < 5

@@ -95,8 +95,9 @@ def test_inference_and_forward_match_local_span(swarm, dht, local_span):
 
 
 def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
-    """Peer 0 pushes its output to peer 1's session: peer 1 answers without a message from us, and our
-    own (late) copy of that input is a duplicate it ignores."""
+    """Peer 0 pushes its output to peer 1's session and tells us peer 1 accepted it: peer 1 answers without
+    a message from us, and a late copy of that input is a duplicate it ignores. A push peer 1 refuses
+    (not the session's next step) is reported as not pushed, so the client sends its own copy."""
     torch.manual_seed(2)
     first, second = swarm.peers[0].peer_id, swarm.peers[1].peer_id
     tail = Span(MODEL, 10, 12)
@@ -107,6 +108,7 @@ def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
     for step, x in enumerate([torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)]):
         target = protocol.PushTarget(peer_id=second, session_id="push-b", step=step)
         reply, (middle,) = a.send(protocol.pack_request(Step(session_id="push-a", step=step, push=[target]), x))
+        assert reply.pushed
         torch.testing.assert_close(middle, local_span.forward(x, head_cache), atol=1e-4, rtol=0)
         reply, (out,) = b.receive()  # nothing sent to b: the push fed it
         assert isinstance(reply, StepResult) and reply.step == step
@@ -116,6 +118,9 @@ def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
     reply, (out,) = b.send(protocol.pack_request(Step(session_id="push-b", step=2), x))
     assert reply.step == 2 and reply.length == 6
     torch.testing.assert_close(out, tail.forward(x, tail_cache), atol=1e-4, rtol=0)
+    stale = protocol.PushTarget(peer_id=second, session_id="push-b", step=1)
+    reply, _ = a.send(protocol.pack_request(Step(session_id="push-a", step=2, push=[stale]), x))
+    assert isinstance(reply, StepResult) and not reply.pushed
     a.close()
     b.close()
 
