@@ -93,10 +93,11 @@ def test_shared_head_error_reaches_every_caller_of_the_failed_product():
 
 def test_shared_head_waits_for_sessions_on_their_last_hop_only():
     """A session expected soon is waited for, so both share one product; a session that will not come
-    (forgotten) or was never expected is not, even with a minute of allowed wait."""
+    (forgotten) or was never expected is not, nor one still silent after `quiet`, even with a minute
+    of allowed wait."""
     rows: list[int] = []
     lm_head = torch.nn.Linear(8, 16, bias=False)
-    head = SharedHead(lambda h: rows.append(h.shape[0]) or lm_head(h), max_wait=60)
+    head = SharedHead(lambda h: rows.append(h.shape[0]) or lm_head(h), max_wait=60, quiet=60)
     x = {key: torch.randn(1, 8) for key in "abc"}
     results = {}
     head.expect("a")
@@ -114,3 +115,8 @@ def test_shared_head_waits_for_sessions_on_their_last_hop_only():
     head(x["a"], "a")
     head(x["b"], "b")  # nobody expected at all
     assert rows == [2, 1, 1] and time.monotonic() - started < 5
+    head.quiet = 0.05
+    head.expect("c")  # on its last hop, but its pass is a later one: it stays silent
+    started = time.monotonic()
+    head(x["a"], "a")
+    assert rows == [2, 1, 1, 1] and time.monotonic() - started < 5
