@@ -64,7 +64,7 @@ class SharedHead:
             self._coming.add(key)
 
     def forget(self, key: Hashable) -> None:
-        """Session `key` will not ask after all (its step failed, or it closed)."""
+        """Session `key` will not ask after all: its step failed."""
         with self._arrival:
             self._coming.discard(key)
             self._arrival.notify_all()
