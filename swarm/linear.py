@@ -3,22 +3,28 @@
 Both are the same product, but BLAS libraries pick different kernels for them. When a few tokens
 (one decode step per session) go through a [out, in] weight, `x @ W^T` is a short-and-wide
 product that MKL runs far below memory speed, while `W @ x^T` is a tall-and-thin one it streams
-through the weight at full speed. On our 2-core reference machine (MKL on AMD EPYC, float32),
-2 to 16 tokens through 30 SmolLM2 blocks' linears take 25-55 % less time this way, one token takes
-the same, and prompts of 32 to 128 tokens 25-35 % less (docs/batching.md). Results differ from
-`F.linear` only in the rounding of the sums (a few 1e-7 relative).
+through the weight at full speed. On our 2-core reference machine (MKL on AMD EPYC, float32)
+with two threads, weight-major is faster at most sizes from 2 tokens up (2 to 4 tokens about a
+third less time, prompts of 32 to 128 tokens 13-22 % less, 8 to 12 tokens about even). With one
+thread (peers sharing cores) it wins only up to 5 tokens; above that `x @ W^T` is as fast or
+faster (100 tokens through ten blocks: 95-111 ms against 129-143), so one thread goes
+weight-major for 2 to 5 tokens only (docs/batching.md). Results differ from `F.linear` only in the
+rounding of the sums (a few 1e-7 relative).
 """
 from __future__ import annotations
 
 import torch
 
+ONE_THREAD_MAX_ROWS = 5  # above this many tokens, one thread computes x @ W^T faster
+
 
 class WeightMajorLinear(torch.nn.Linear):
-    """A drop-in nn.Linear whose product puts the weight on the left."""
+    """A drop-in nn.Linear whose product puts the weight on the left when that is the faster kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features:  # one token: a matrix-vector product either way
-            return super().forward(x)
+        rows = x.numel() // self.in_features
+        if rows == 1 or (rows > ONE_THREAD_MAX_ROWS and torch.get_num_threads() == 1):
+            return super().forward(x)  # one token is a matrix-vector product either way
         flat = x.reshape(-1, self.in_features).T
         out = torch.mm(self.weight, flat) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
         return out.T.contiguous().view(*x.shape[:-1], self.out_features)

@@ -13,12 +13,23 @@ from swarm.linear import WeightMajorLinear, weight_major
 def test_weight_major_linear_equals_f_linear():
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32, bias=False))
-    expected = {n: module(torch.ones(n, 3, 64) * 0.1 * n) for n in (1, 2, 5)}
+    expected = {n: module(torch.ones(n, 3, 64) * 0.1 * n) for n in (1, 2, 5)}  # 3, 6 and 15 rows
     weight_major(module)
     assert all(type(layer) is WeightMajorLinear for layer in module)
-    for n, out in expected.items():  # one token: F.linear itself; more: the same sums, other rounding
-        got = module(torch.ones(n, 3, 64) * 0.1 * n)
-        assert got.shape == out.shape and torch.allclose(got, out, rtol=1e-5, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for n, out in expected.items():  # weight-major: the same sums, other rounding
+            got = module(torch.ones(n, 3, 64) * 0.1 * n)
+            assert got.shape == out.shape and torch.allclose(got, out, rtol=1e-5, atol=1e-6)
+        torch.set_num_threads(1)  # one thread: weight-major up to ONE_THREAD_MAX_ROWS rows, F.linear itself above
+        assert torch.allclose(module(torch.ones(1, 3, 64) * 0.1), expected[1], rtol=1e-5, atol=1e-6)
+        for n in (2, 5):
+            x = torch.ones(n, 3, 64) * 0.1 * n
+            first = torch.nn.functional.linear(x, module[0].weight, module[0].bias)
+            assert torch.equal(module(x), torch.nn.functional.linear(first, module[1].weight))
+    finally:
+        torch.set_num_threads(threads)
     one = torch.randn(1, 1, 64)
     first = torch.nn.functional.linear(one, module[0].weight, module[0].bias)
     assert torch.equal(module(one), torch.nn.functional.linear(first, module[1].weight))
