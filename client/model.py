@@ -151,7 +151,7 @@ class DistributedModelForCausalLM:
         route = build_route(self.model.num_blocks, peers, await self.view.rtts(list(peers)), self.bans.active())
         for hop in route:
             request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end),
-                                            *((hidden,) if mask is None else (hidden, mask)))
+                                            *protocol.input_tensors(hidden, mask))
             message, tensors = await asyncio.wait_for(self._call_forward(hop.peer_id, request), self.settings.step_timeout)
             if isinstance(message, protocol.ErrorReply):
                 raise SwarmError(f"peer {hop.peer_id[-8:]} failed blocks {hop.start}:{hop.end}: {message.message}")

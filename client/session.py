@@ -79,10 +79,9 @@ class HopStream:
         pushed this input here, `send=False` only waits for the answer.
         """
         if send:
-            tensors = (hidden,) if mask is None else (hidden, mask)
             targets = [protocol.PushTarget(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in push]
             request = protocol.Step(session_id=self.session_id, step=self.steps, push=targets)
-            self._queue.put_nowait(protocol.pack_request(request, *tensors))
+            self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
         message, tensors = await self._receive(protocol.StepResult, timeout, probe)
         if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")

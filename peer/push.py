@@ -44,7 +44,7 @@ class Pusher:
         loop = asyncio.get_running_loop()
         target = targets[0]
         item = protocol.PushItem(session_id=target.session_id, step=target.step, push=targets[1:], masked=mask is not None)
-        queued = _Queued(item, (hidden,) if mask is None else (hidden, mask), loop.create_future())
+        queued = _Queued(item, protocol.input_tensors(hidden, mask), loop.create_future())
         if queued.bytes > protocol.MAX_PUSH_BYTES:  # a prefill chunk: the client sends it
             queued.accepted.set_result(False)
             return queued.accepted

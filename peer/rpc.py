@@ -161,13 +161,13 @@ class PeerService:
             message, tensors = protocol.unpack_request(request)
             if not isinstance(message, protocol.Push):
                 raise ProtocolError(f"expected a push, got {message.type!r}")
-            if len(tensors) != sum(1 + item.masked for item in message.items):
+            counts = [1 + item.masked for item in message.items]  # hidden states, and a mask if masked
+            if len(tensors) != sum(counts):
                 raise ProtocolError(f"{len(message.items)} push items do not match {len(tensors)} tensors")
         except ProtocolError as e:
             return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
         accepted, offset = [], 0
-        for item in message.items:
-            count = 1 + item.masked
+        for item, count in zip(message.items, counts):
             accepted.append(self._accept_push(item, tensors[offset : offset + count]))
             offset += count
         return protocol.pack_response(Pushed(accepted=accepted))

@@ -214,6 +214,11 @@ def _tensor(proto) -> torch.Tensor:
         raise ProtocolError(f"unreadable tensor: {e}") from None
 
 
+def input_tensors(hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The tensors a step, forward or push carries: hidden states, then the mask if there is one."""
+    return (hidden,) if mask is None else (hidden, mask)
+
+
 def check_inputs(
     tensors: list[torch.Tensor], hidden_size: int, batch_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
