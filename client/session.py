@@ -197,7 +197,8 @@ class InferenceSession:
     ) -> torch.Tensor:
         """Send new positions through every hop; returns the hidden states after the last block.
 
-        `on_last_hop` is called when the input reaches the last hop: the caller's next use of the output is near.
+        `on_last_hop` is called when the input's last chunk reaches the last hop: the caller's next use of the
+        output is near.
         """
         if self.closed:
             raise SwarmError("the inference session is closed")
@@ -212,7 +213,9 @@ class InferenceSession:
         outputs = []
         for offset in range(0, hidden.shape[1], chunk):
             part_mask = None if mask is None else mask[:, offset : offset + chunk]
-            outputs.append(await self._through_route(hidden[:, offset : offset + chunk], part_mask, on_last_hop))
+            last_chunk = offset + chunk >= hidden.shape[1]  # an earlier chunk's output is not what the caller uses
+            outputs.append(await self._through_route(
+                hidden[:, offset : offset + chunk], part_mask, on_last_hop if last_chunk else lambda: None))
         self.position += hidden.shape[1]
         return torch.cat(outputs, dim=1)
 

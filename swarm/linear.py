@@ -24,7 +24,7 @@ class WeightMajorLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows == 1 or (rows > ONE_THREAD_MAX_ROWS and torch.get_num_threads() == 1):
-            return super().forward(x)  # one token is a matrix-vector product either way
+            return super().forward(x)  # one token: a matrix-vector product either way; one thread: the faster kernel
         flat = x.reshape(-1, self.in_features).T
         out = torch.mm(self.weight, flat) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
         return out.T.contiguous().view(*x.shape[:-1], self.out_features)
