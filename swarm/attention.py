@@ -48,17 +48,27 @@ def ragged_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> [1, tokens, heads, dim]."""
-    sizes = [segment.tokens for segment in segments]
-    outputs = []
-    for segment, q, k, v in zip(segments, *(t[0].split(sizes, dim=1) for t in (query, key, value))):
-        q, k, v = (t.unflatten(1, (segment.rows, segment.length)).transpose(0, 1) for t in (q, k, v))
+    """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> [1, tokens, heads, dim].
+
+    Every session in a pass runs this loop body once per layer, so it holds as few tensor operations
+    as it can: a one-row segment (a decode step) is a plain slice, and the outputs are joined in
+    query layout and transposed once for all segments.
+    """
+    outputs, offset = [], 0
+    for segment in segments:
+        cut = slice(offset, offset + segment.tokens)
+        if segment.rows == 1:
+            q, k, v = query[:, :, cut], key[:, :, cut], value[:, :, cut]
+        else:
+            q, k, v = (t[0, :, cut].unflatten(1, (segment.rows, segment.length)).transpose(0, 1) for t in (query, key, value))
         keys, values = segment.cache.update(k, v, module.layer_idx)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=segment.masks[window], scale=scaling, enable_gqa=True
-        )
-        outputs.append(out.transpose(1, 2).flatten(0, 1))  # [rows * length, heads, dim]
-    return torch.cat(outputs)[None], None
+        )  # [rows, heads, length, dim]
+        outputs.append(out[0] if segment.rows == 1 else out.transpose(0, 1).flatten(1, 2))  # [heads, rows * length, dim]
+        offset += segment.tokens
+    joined = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return joined.transpose(0, 1)[None], None
 
 
 AttentionInterface.register(NAME, ragged_attention)
