@@ -1,8 +1,10 @@
-"""How fast this peer runs a decode step, measured once per model, device and dtype, then cached."""
+"""How fast this peer runs a decode step, measured once per model, device, dtype and hardware, then cached."""
 from __future__ import annotations
 
 import json
+import platform
 import time
+from pathlib import Path
 
 import torch
 from filelock import FileLock
@@ -15,7 +17,8 @@ WARMUP_STEPS, MEASURED_STEPS = 2, 8
 
 def measure_throughput(span: Span) -> float:
     """Decode steps per second through ONE block, so peers with different span sizes compare."""
-    key = f"{span.model.dht_prefix}:{span.device}:{str(span.dtype).removeprefix('torch.')}:{torch.get_num_threads()}"
+    key = (f"{span.model.dht_prefix}:{span.device}:{str(span.dtype).removeprefix('torch.')}:{torch.get_num_threads()}"
+           f":{hardware(span.device)}")
     path = cache_root() / "throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -26,6 +29,22 @@ def measure_throughput(span: Span) -> float:
         cached[key] = value
         path.write_text(json.dumps(cached, indent=1))
     return value
+
+
+def hardware(device: torch.device) -> str:
+    """What the figure depends on besides the settings: the processor and torch's kernels.
+
+    Part of the cache key, so a machine that moved to another CPU or GPU, or a torch upgrade, measures
+    again instead of announcing a stale figure.
+    """
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.is_file() else []
+        processor = names[0] if names else platform.processor() or platform.machine()
+    return f"{processor}:torch {torch.__version__}"
 
 
 def _measure(span: Span) -> float:
