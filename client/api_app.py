@@ -266,6 +266,7 @@ def create_app(gateway: Gateway, *, api_key: str | None = None, default_max_toke
         try:
             stream = await run_in_threadpool(lambda: target.client.start(
                 **answers.prompt(body), max_new_tokens=body.token_limit or default_max_tokens,
+                fit_context=body.token_limit is None,  # our default, not the caller's: it yields to a long prompt
                 temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed))
         except PromptError as e:
             raise ApiError(400, str(e), e.code, answers.prompt_param) from None

@@ -29,7 +29,7 @@ class SwarmClient:
     def generate(self, prompt: str | None = None, *, stream: bool = False, **options) -> str | Iterator[str]:
         """The continuation of a prompt, or the assistant's answer to chat `messages` (via the chat template).
 
-        `options` are start()'s: messages, max_new_tokens, temperature, top_p, stop, seed.
+        `options` are start()'s: messages, max_new_tokens, temperature, top_p, stop, seed, fit_context.
         """
         pieces = self.start(prompt, **options)
         return pieces if stream else "".join(pieces)
@@ -44,11 +44,14 @@ class SwarmClient:
         top_p: float = 1.0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        fit_context: bool = False,
     ) -> "TextStream":
         """Start a generation: a TextStream of its text, which also tells token counts and why it ended.
 
         generate(stream=True) returns the same. Nothing is sent to the swarm until the first piece is asked for, so a PromptError (no chat
-        template, empty prompt, longer than the model's context) comes before any network work.
+        template, empty prompt, longer than the model's context) comes before any network work. With
+        `fit_context`, `max_new_tokens` is a default the caller did not choose: it shrinks to what the
+        context leaves after the prompt instead of being refused.
         """
         if (prompt is None) == (messages is None):
             raise ValueError("give either prompt or messages")
@@ -58,6 +61,8 @@ class SwarmClient:
         if input_ids.shape[1] == 0:
             raise PromptError("the prompt is empty", "empty_prompt")
         context = getattr(self.model.config, "max_position_embeddings", None)
+        if fit_context and context is not None and input_ids.shape[1] < context:
+            max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])
         if context is not None and input_ids.shape[1] + max_new_tokens > context:
             raise PromptError(
                 f"{self.model.model.name} has a context of {context} tokens, but {input_ids.shape[1]} prompt tokens "
@@ -93,6 +98,7 @@ class TextStream:
     def __init__(self, client: SwarmClient, input_ids: torch.Tensor, max_new_tokens: int, stop: list[str],
                  sampling: dict):
         self.prompt_tokens = input_ids.shape[1]
+        self.max_new_tokens = max_new_tokens  # at most this many tokens come
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self._pieces = self._decode(client, input_ids, max_new_tokens, stop, sampling)

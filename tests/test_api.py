@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import SwarmClient
 from client.generation import eos_ids
+from client.text import PromptError
 from peer.launcher import LocalSwarm
 from tests.rpc_helpers import info
 
@@ -272,6 +273,25 @@ def test_errors_in_openai_format(api: openai.OpenAI, gateway: str) -> None:
         for error in pool.map(unservable, [False, True]):
             assert (error.status_code, error.code, error.type) == (503, "swarm_unavailable", "server_error")
             assert "served by nobody" in error.body["message"]
+
+
+def test_default_max_tokens_yields_to_a_long_prompt(reference: SwarmClient) -> None:
+    """A limit the caller set is checked against the context; the gateway's default (fit_context) shrinks to fit.
+    start() is lazy: none of this reaches the peers."""
+    context = reference.model.config.max_position_embeddings
+    prompt = "hello " * (context - 100)
+    room = context - prompt_tokens(reference, prompt)
+    assert 0 < room < 256
+    with pytest.raises(PromptError) as refused:
+        reference.start(prompt, max_new_tokens=256)
+    assert refused.value.code == "context_length_exceeded"
+    for asked, expected in [(256, room), (room - 1, room - 1)]:
+        stream = reference.start(prompt, max_new_tokens=asked, fit_context=True)
+        assert stream.max_new_tokens == expected
+        stream.close()
+    with pytest.raises(PromptError) as full:  # no room left at all: refused even as a default
+        reference.start("hello " * (context + 10), max_new_tokens=256, fit_context=True)
+    assert full.value.code == "context_length_exceeded"
 
 
 def test_models_health_metrics_and_openapi(api: openai.OpenAI, gateway: str) -> None:
