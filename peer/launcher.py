@@ -23,6 +23,7 @@ class PeerProcess:
     maddrs: list[str] = field(default_factory=list)
     ready_line: str = ""
     lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
+    reader: threading.Thread | None = None  # puts stdout into `lines`; ends at the process's end
 
     @property
     def peer_id(self) -> str:
@@ -44,8 +45,8 @@ class PeerProcess:
         return self.process.wait()
 
 
-def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, env: dict | None = None) -> PeerProcess:
-    """Run `swarm-serve ARGS` and return once it printed `ready`; its stderr goes to LOG_DIR/NAME.log."""
+def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = None) -> PeerProcess:
+    """Run `swarm-serve ARGS` without waiting for it: its stdout lines arrive in `lines`, its stderr goes to LOG_DIR/NAME.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     process = subprocess.Popen(
@@ -57,13 +58,20 @@ def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, 
         cwd=Path(__file__).resolve().parent.parent,
     )
     peer = PeerProcess(process, log)
-    threading.Thread(target=_pump, args=(process, peer.lines), daemon=True).start()
+    peer.reader = threading.Thread(target=_pump, args=(process, peer.lines), daemon=True)
+    peer.reader.start()
+    return peer
+
+
+def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, env: dict | None = None) -> PeerProcess:
+    """Run `swarm-serve ARGS` and return once it printed `ready`; its stderr goes to LOG_DIR/NAME.log."""
+    peer = launch_peer(args, log_dir, name, env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             line = peer.lines.get(timeout=0.5)
         except queue.Empty:
-            if process.poll() is not None:
+            if peer.process.poll() is not None:
                 break
             continue
         if line.startswith("listening on "):
@@ -72,7 +80,7 @@ def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, 
             peer.ready_line = line.strip()
             return peer
     peer.stop(5)
-    raise PeerStartError(f"peer {name} did not become ready (exit {process.poll()}); log:\n{log.read_text()[-3000:]}")
+    raise PeerStartError(f"peer {name} did not become ready (exit {peer.process.poll()}); log:\n{peer.log.read_text()[-3000:]}")
 
 
 def _pump(process: subprocess.Popen, lines: "queue.Queue[str]") -> None:

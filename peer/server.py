@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -29,6 +30,10 @@ from swarm.weights import check_span
 logger = logging.getLogger("swarm-serve")
 
 
+class LoadStopped(Exception):
+    """A stop signal came while blocks were loading: loading ends after the current block."""
+
+
 class Peer:
     def __init__(self, settings: PeerSettings):
         self.settings = settings
@@ -38,11 +43,12 @@ class Peer:
         )
         self.sessions = SessionRegistry(settings.max_cache_tokens)
         self.stopping = asyncio.Event()
+        self._stop_loading = threading.Event()  # the same signal, for the compute thread while it loads blocks
 
     async def run(self) -> None:
         settings, loop = self.settings, asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._stop)
         # Only the compute thread runs torch with several threads (its own setting, above). If the event
         # loop's tensor work (checks, conversions) went parallel too, OpenMP would keep a second team
         # of threads, more than this machine's cores, and switch every team to slow sleeping waits:
@@ -77,8 +83,15 @@ class Peer:
         await self.announcer.announce(PeerState.joining)
         logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix})")
 
-        span = await self._load(model, start, end)
-        self.announcer.throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
+        try:
+            span = await self._load(model, start, end)
+            self.announcer.throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
+        except LoadStopped:
+            pass
+        if self.stopping.is_set():  # Ctrl-C or SIGTERM while loading: leave without ever serving
+            logger.info("stopped before serving: announcing offline")
+            await self._announce_offline()
+            return
         self.scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait)
         self.service = PeerService(span, self.sessions, self.scheduler, lambda: self._info(model), settings.session_idle_timeout)
         await self.service.register(self.dht.p2p)
@@ -92,11 +105,18 @@ class Peer:
         self.sessions.accepting = False
         for task in tasks:
             task.cancel()
+        await self._announce_offline()
+        await self.service.drain(settings.shutdown_grace)
+
+    def _stop(self) -> None:
+        self.stopping.set()
+        self._stop_loading.set()
+
+    async def _announce_offline(self) -> None:
         try:
             await asyncio.wait_for(self.announcer.announce(PeerState.offline), timeout=5)
         except Exception as e:
             logger.warning(f"could not announce offline: {e!r}")
-        await self.service.drain(settings.shutdown_grace)
 
     async def _choose_span(self, model: ResolvedModel) -> tuple[int, int]:
         length = self.settings.num_blocks or blocks_that_fit(model, self.settings)
@@ -105,12 +125,18 @@ class Peer:
         return start, min(start + length, model.num_blocks)
 
     async def _load(self, model: ResolvedModel, start: int, end: int) -> Span:
+        """The span's blocks, read one by one; raises LoadStopped soon after a stop signal."""
         with Progress(transient=True) as progress:
             task = progress.add_task(f"loading blocks {start}:{end}", total=end - start)
+
+            def loaded(_: int) -> None:
+                if self._stop_loading.is_set():
+                    raise LoadStopped
+                progress.advance(task)
+
             return await asyncio.get_running_loop().run_in_executor(
                 self.compute,
-                lambda: Span(model, start, end, self.settings.dtype, self.settings.device,
-                             on_block_loaded=lambda _: progress.advance(task)),
+                lambda: Span(model, start, end, self.settings.dtype, self.settings.device, on_block_loaded=loaded),
             )
 
     async def _watch_swarm(self, model: ResolvedModel) -> None:

@@ -13,7 +13,7 @@ from swarm.errors import ProtocolError
 from swarm.families import family_of
 from swarm.linear import weight_major
 from swarm.reference import ResolvedModel
-from swarm.weights import load_block_weights
+from swarm.weights import iter_block_weights
 
 
 class Span:
@@ -36,9 +36,8 @@ class Span:
         self.family = family_of(config)
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        weights = load_block_weights(model, start, end)
         self.layers = torch.nn.ModuleList()
-        for index, state in zip(range(start, end), weights):
+        for index, state in zip(range(start, end), iter_block_weights(model, start, end)):
             with torch.device("meta"):
                 layer = self.family.decoder_layer(config, layer_idx=index)
             layer.load_state_dict(state, strict=True, assign=True)

@@ -1,7 +1,9 @@
 """Read exactly the tensors a span or the client parts need, and nothing else."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -20,8 +22,12 @@ def check_span(model: ResolvedModel, start: int, end: int) -> None:
         )
 
 
-def load_block_weights(model: ResolvedModel, start: int, end: int) -> list[dict[str, torch.Tensor]]:
-    """One state dict per block of [start, end), with names relative to the block."""
+def iter_block_weights(model: ResolvedModel, start: int, end: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One state dict per block of [start, end), with names relative to the block, read block by block.
+
+    Reading is most of a peer's loading time: one block at a time lets it show real progress and stop
+    between blocks when asked to, and only the files that hold a block are opened for it.
+    """
     check_span(model, start, end)
     blocks = list(range(start, end))
     if model.gguf_file is not None:
@@ -29,16 +35,17 @@ def load_block_weights(model: ResolvedModel, start: int, end: int) -> list[dict[
         files = [gguf_cache.shard_path(model.folder, i) for i in blocks]
     else:
         files = safetensors_files(model.folder)
-    prefixes = [LAYER_PREFIX.format(i) for i in blocks]
-    tensors = _read(files, lambda name: name.startswith(tuple(prefixes)))
-    per_block = [{} for _ in blocks]
-    for name, tensor in tensors.items():
-        index = int(name[len("model.layers.") :].split(".", 1)[0]) - start
-        per_block[index][name.split(".", 3)[3]] = tensor
-    empty = [start + i for i, weights in enumerate(per_block) if not weights]
-    if empty:
-        raise WeightsError(f"{model.name}: the weight files hold no tensors for blocks {empty}")
-    return per_block
+    where = _index(files)
+    return (_block_weights(model, where, block) for block in blocks)  # checked and indexed now, read lazily
+
+
+def _block_weights(model: ResolvedModel, where: dict[str, Path], block: int) -> dict[str, torch.Tensor]:
+    prefix = LAYER_PREFIX.format(block)
+    names = [name for name in where if name.startswith(prefix)]
+    if not names:
+        raise WeightsError(f"{model.name}: the weight files hold no tensors for block {block}")
+    tensors = _read(sorted({where[name] for name in names}), lambda name: name.startswith(prefix))
+    return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
 
 
 def load_client_weights(model: ResolvedModel) -> dict[str, torch.Tensor]:
@@ -51,16 +58,32 @@ def load_client_weights(model: ResolvedModel) -> dict[str, torch.Tensor]:
     return _read(files, lambda name: not name.startswith("model.layers."))
 
 
+def _index(files: list[Path]) -> dict[str, Path]:
+    """Which file holds each tensor, from the files' headers."""
+    where = {}
+    for file in files:
+        with _opened(file) as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    return where
+
+
 def _read(files: list[Path], wanted) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if wanted(name):
-                        tensors[name] = f.get_tensor(name)
-        except WeightsError:
-            raise
-        except Exception as e:  # safetensors reports truncation and corruption as assorted errors
-            raise WeightsError(f"{file}: truncated or corrupt weights file ({e})") from None
+        with _opened(file) as f:
+            for name in f.keys():
+                if wanted(name):
+                    tensors[name] = f.get_tensor(name)
     return tensors
+
+
+@contextlib.contextmanager
+def _opened(file: Path):
+    """A safetensors file, open; safetensors reports truncation and corruption as assorted errors."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except WeightsError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"{file}: truncated or corrupt weights file ({e})") from None

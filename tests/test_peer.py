@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from client import loop
-from peer.launcher import LocalSwarm, start_peer
+from peer.launcher import LocalSwarm, launch_peer, start_peer
 from swarm import protocol
 from swarm.dht import SwarmDHT
 from swarm.protocol import ErrorReply, ForwardRequest, Opened, OpenSession, Step, StepResult
@@ -213,6 +213,30 @@ def test_cache_budget_refuses_at_once(swarm, dht):
     reply, _ = again.send(protocol.pack_request(OpenSession(session_id="refused", start=0, end=10, max_length=1000, batch_size=2)))
     assert isinstance(reply, Opened)
     again.close()
+
+
+def test_sigterm_while_loading_leaves_without_serving(swarm, dht, tmp_path):
+    """A stop signal during startup ends loading after the current block: the peer never says ready,
+    exits cleanly, and leaves no online record behind."""
+    peer = launch_peer(["--initial-peers", swarm.initial_peers[0], "--blocks", "0:30", "--announce-period", "2"],
+                       tmp_path, "interrupted")
+    try:
+        first = ""
+        while not first.startswith("listening on "):  # the p2p daemon runs: the blocks load next
+            first = peer.lines.get(timeout=120)
+        peer.signal(signal.SIGTERM)  # 30 blocks to read, one by one
+        assert peer.process.wait(30) == 0
+    finally:
+        peer.stop(5)
+    peer.reader.join(10)
+    rest = []
+    while not peer.lines.empty():
+        rest.append(peer.lines.get())
+    assert not any(line.startswith("ready") for line in rest), rest
+    assert "stopped before serving" in peer.log.read_text()
+    peer_id = first.rsplit("/p2p/", 1)[1].strip()
+    record = loop.run(dht.read_blocks(MODEL.dht_prefix, MODEL.num_blocks))[0].get(peer_id)
+    assert record is None or record.announcement.state == PeerState.offline
 
 
 def test_sigterm_goes_offline_and_sigkill_expires(swarm, dht, tmp_path):
