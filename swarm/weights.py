@@ -44,8 +44,7 @@ def _block_weights(model: ResolvedModel, where: dict[str, Path], block: int) -> 
     names = [name for name in where if name.startswith(prefix)]
     if not names:
         raise WeightsError(f"{model.name}: the weight files hold no tensors for block {block}")
-    tensors = _read(sorted({where[name] for name in names}), lambda name: name.startswith(prefix))
-    return {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
+    return {name[len(prefix) :]: tensor for name, tensor in _read(where, names).items()}
 
 
 def load_client_weights(model: ResolvedModel) -> dict[str, torch.Tensor]:
@@ -55,7 +54,8 @@ def load_client_weights(model: ResolvedModel) -> dict[str, torch.Tensor]:
         files = [gguf_cache.shard_path(model.folder, gguf_cache.CLIENT_SHARD)]
     else:
         files = safetensors_files(model.folder)
-    return _read(files, lambda name: not name.startswith("model.layers."))
+    where = _index(files)
+    return _read(where, [name for name in where if not name.startswith("model.layers.")])
 
 
 def _index(files: list[Path]) -> dict[str, Path]:
@@ -67,13 +67,16 @@ def _index(files: list[Path]) -> dict[str, Path]:
     return where
 
 
-def _read(files: list[Path], wanted) -> dict[str, torch.Tensor]:
+def _read(where: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors, opening each file that holds some of them once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
     tensors = {}
-    for file in files:
+    for file, in_file in by_file.items():
         with _opened(file) as f:
-            for name in f.keys():
-                if wanted(name):
-                    tensors[name] = f.get_tensor(name)
+            for name in in_file:
+                tensors[name] = f.get_tensor(name)
     return tensors
 
 
@@ -83,7 +86,5 @@ def _opened(file: Path):
     try:
         with safe_open(str(file), framework="pt") as f:
             yield f
-    except WeightsError:
-        raise
     except Exception as e:
         raise WeightsError(f"{file}: truncated or corrupt weights file ({e})") from None
