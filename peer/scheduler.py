@@ -10,7 +10,7 @@ route's round trip). Before a pass, the scheduler waits for the sessions due wit
 (never more than half a session's interval): sessions spread along a route's pipeline then meet
 here once and from then on arrive together, so every pass carries all of them. A lone session
 never waits, nor does anyone wait for a session that is late by more than `max_wait` (it paused)
-or has closed.
+or has closed, nor for part of a group of sessions that travel together when the rest would not fit.
 
 Long inputs (prefills, forward calls) run in chunks of at most `max_tokens` tokens, so one long
 prompt delays other sessions' decode steps by at most one chunk. Steps that were left out of a
@@ -32,11 +32,18 @@ from swarm.span import Span
 logger = logging.getLogger(__name__)
 
 
+# Steps that left one place together (one LM head product, one batched push) reach this peer within a
+# few ms of each other (client sends after a head product: 4-5 ms for four sessions); a session
+# expected later than this after the previous one travels in another group.
+GROUP_SPREAD = 0.005
+
+
 @dataclass
 class _Pace:
     """When one session's steps reach this peer: its last arrival and the usual interval between two."""
 
     last: float
+    rows: int
     period: float | None = None
 
     def arrived(self, now: float) -> None:
@@ -83,7 +90,7 @@ class StepScheduler:
             self._task = asyncio.create_task(self._serve())
         loop = asyncio.get_running_loop()
         if (pace := self._paces.get(id(cache))) is None:
-            self._paces[id(cache)] = _Pace(loop.time())
+            self._paces[id(cache)] = _Pace(loop.time(), hidden.shape[0])
         else:
             pace.arrived(loop.time())
         future = loop.create_future()
@@ -120,27 +127,38 @@ class StepScheduler:
         """Wait briefly for the steps of sessions that are due here: they then share this pass."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
-        while (remaining := deadline - loop.time()) > 0 and self._due(loop.time()):
+        while (remaining := deadline - loop.time()) > 0 and self._worth_waiting(loop.time()):
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 return
             self._wake.clear()
 
-    def _due(self, now: float) -> bool:
-        """Whether a session that has no step waiting should send one within `max_wait`.
+    def _worth_waiting(self, now: float) -> bool:
+        """Whether sessions due here should join this pass: those that fit, but never part of a group.
 
         A session is due at its last arrival plus its usual interval; we wait at most half an
-        interval for it. One late by more than `max_wait` has paused: nobody waits for it.
+        interval for it. One late by more than `max_wait` has paused: nobody waits for it. Sessions
+        that travel together (a group of the pipeline) arrive together: if only part of the next
+        group fits, the pass runs now and the group keeps its own. Taking part of it would leave the
+        rest a whole round behind, and from then on the two groups would split each other at every
+        peer, each pass waiting most of a round for its second half.
         """
-        if sum(job.rows for job in self.waiting) >= self.max_rows:
-            return False  # the pass is full: whoever comes next waits for the next one anyway
+        free = self.max_rows - sum(job.rows for job in self.waiting)
         present = {id(job.cache) for job in self.waiting}
-        return any(
-            key not in present and pace.period is not None
-            and -min(self.max_wait, pace.period / 2) <= now - pace.last - pace.period <= self.max_wait
+        due = sorted(
+            (pace.last + pace.period, pace.rows)
             for key, pace in self._paces.items()
+            if key not in present and pace.period is not None
+            and -min(self.max_wait, pace.period / 2) <= now - pace.last - pace.period <= self.max_wait
         )
+        joining = 0  # the earliest due sessions that fit
+        while joining < len(due) and due[joining][1] <= free:
+            free -= due[joining][1]
+            joining += 1
+        if joining == 0:
+            return False
+        return joining == len(due) or due[joining][0] - due[joining - 1][0] > GROUP_SPREAD
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The jobs of the next pass and how many positions of each: left-out jobs first, then short ones."""

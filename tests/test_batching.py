@@ -6,6 +6,7 @@ sessions through real peers.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -169,3 +170,38 @@ def test_scheduler_brings_sessions_out_of_phase_together(tiny_model_path):
 
     asyncio.run(never_waits())
     asyncio.run(full_pass_never_waits())
+
+
+def test_scheduler_never_takes_part_of_a_group(tiny_model_path):
+    """Two steps wait and a group of four sessions is due, with room for two of them: the pass runs now.
+
+    Waiting for the group would take half of it and leave the rest a whole round behind; on a route
+    through several peers the two groups then split each other at every peer, and every pass waits
+    most of a round for its second half (8 sessions on three peers ran at two thirds of their speed).
+    """
+    span = Span(resolve_model(str(tiny_model_path("llama"))), 0, 2)
+    hidden = span.config.hidden_size
+
+    async def scenario() -> tuple[float, int]:
+        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=4, max_tokens=64, max_wait=1.0)
+        group = [span.new_cache(1, 64) for _ in range(4)]
+        pair = [span.new_cache(1, 64) for _ in range(2)]
+
+        def steps(caches):
+            return asyncio.gather(*(scheduler.run(span, torch.randn(1, 1, hidden), c, None) for c in caches))
+
+        for gap in (0.2, 0.2, 0.15):  # the peer learns the group's pace (together, every 0.2 s); due in 0.05 s
+            await steps(group)
+            await asyncio.sleep(gap)
+        started = time.perf_counter()
+        await steps(pair)
+        waited = time.perf_counter() - started
+        passes = scheduler.passes
+        await steps(group)
+        group_passes = scheduler.passes - passes
+        await scheduler.close()
+        return waited, group_passes
+
+    waited, group_passes = asyncio.run(scenario())
+    assert waited < 0.05, f"the two steps waited {waited:.3f} s for a group that could not join them whole"
+    assert group_passes == 1, f"the group took {group_passes} passes"
