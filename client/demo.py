@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from peer.launcher import LocalSwarm, PeerStartError
+from swarm.local_swarm import LocalSwarm, PeerStartError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 QUESTION = "In two sentences: why do volunteers pool their computers to run large language models?"

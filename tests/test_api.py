@@ -25,8 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import SwarmClient
 from client.generation import eos_ids
 from client.text import PromptError
-from peer.launcher import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 from tests.rpc_helpers import info
+
+pytestmark = pytest.mark.slow  # starts peer processes
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -67,7 +69,7 @@ def start_api(*args: str, log: Path | None = None) -> tuple[subprocess.Popen, "q
     env = {k: v for k, v in os.environ.items() if k != "SWARM_INITIAL_PEERS"}
     stderr = subprocess.PIPE if log is None else log.open("w")
     try:
-        process = subprocess.Popen([sys.executable, "-m", "client.api", *args], stdout=subprocess.PIPE,
+        process = subprocess.Popen([sys.executable, "-m", "client.gateway", *args], stdout=subprocess.PIPE,
                                    stderr=stderr, env=env, text=True, cwd=ROOT)
     finally:
         if log is not None:

@@ -16,7 +16,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from peer.launcher import LocalSwarm
+from swarm import __version__ as VERSION
+from swarm.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow  # starts peer processes
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
@@ -71,7 +74,7 @@ def test_covered_swarm_json(swarm: LocalSwarm, schema: dict) -> None:
     assert (peers["alpha"]["peer_id"], peers["alpha"]["start"], peers["alpha"]["end"]) == (alpha.peer_id, 0, 15)
     assert (peers["beta"]["peer_id"], peers["beta"]["start"], peers["beta"]["end"]) == (beta.peer_id, 15, 30)
     for peer in peers.values():
-        assert peer["state"] == "online" and peer["model"] == "smollm2-135m" and peer["version"] == "0.1.0"
+        assert peer["state"] == "online" and peer["model"] == "smollm2-135m" and peer["version"] == VERSION
         assert peer["rtt_ms"] is not None and 0 < peer["rtt_ms"] < 10_000
         assert peer["throughput"] > 0 and peer["cache_tokens_left"] > 0
 

@@ -1,4 +1,4 @@
-"""OpenAI's request and response bodies, as far as the swarm gateway (client/api.py) speaks them.
+"""OpenAI's request and response bodies, as far as the swarm gateway (client/gateway/) speaks them.
 
 Every request body is validated here, so a bad field becomes a 400 that names it. Fields OpenAI
 defines but the swarm cannot honour (penalties, logprobs, tools) are accepted only at values that
@@ -7,7 +7,7 @@ Fields OpenAI does not define are ignored, as OpenAI-compatible servers do. A nu
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -101,9 +101,15 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Annotated[Any, AfterValidator(neutral("none"))] = "none"
     response_format: Annotated[Any, AfterValidator(neutral({"type": "text"}))] = {"type": "text"}
 
+    prompt_param: ClassVar[str] = "messages"  # the field a PromptError is about
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def prompt_args(self) -> dict:
+        """What SwarmClient.start takes the prompt as."""
+        return {"messages": [m.model_dump(include={"role", "content"}) for m in self.messages]}
 
 
 class CompletionRequest(_GenerationRequest):
@@ -113,9 +119,14 @@ class CompletionRequest(_GenerationRequest):
     best_of: Annotated[int, AfterValidator(neutral(1))] = 1
     suffix: Annotated[str | None, AfterValidator(neutral())] = Field(None, description="Not supported.")
 
+    prompt_param: ClassVar[str] = "prompt"
+
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def prompt_args(self) -> dict:
+        return {"prompt": self.prompt}
 
 
 class Usage(BaseModel):

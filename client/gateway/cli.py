@@ -19,7 +19,7 @@ from rich.console import Console
 from client.settings import ENV_INITIAL_PEERS, initial_peers_from
 
 if TYPE_CHECKING:  # imported when serving: --help and argument errors stay fast
-    from client.gateway import Gateway
+    from client.gateway.served import Gateway
 
 app = typer.Typer(add_completion=False, help="Serve the swarm's models through OpenAI's HTTP API.")
 err = Console(stderr=True, soft_wrap=True)  # an error stays on one line
@@ -58,7 +58,7 @@ def serve(
     except OSError as e:
         err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
         raise typer.Exit(1)
-    from client.gateway import Gateway
+    from client.gateway.served import Gateway
 
     try:
         with err.status("joining the swarm"):
@@ -91,7 +91,7 @@ def _run(gateway: Gateway, listener: socket.socket, api_key: Optional[str], defa
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from client.api_app import create_app
+    from client.gateway.app import create_app
 
     logs = copy.deepcopy(LOGGING_CONFIG)
     logs["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout carries only the ready line
@@ -104,7 +104,3 @@ def _run(gateway: Gateway, listener: socket.socket, api_key: Optional[str], defa
     # the default one that would kill the process before the gateway leaves the swarm
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     uvicorn.Server(config).run(sockets=[listener])
-
-
-if __name__ == "__main__":
-    app()

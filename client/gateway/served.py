@@ -1,6 +1,6 @@
 """The models an OpenAI gateway serves, one SwarmClient each, and the swarm checks behind /health and /v1/models.
 
-The checks are swarm-health's own (client/health.py): coverage is judged the same way everywhere.
+The checks are swarm-health's own (client/health/): coverage is judged the same way everywhere.
 """
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 
 from client import loop
-from client.health import HealthReport, gather
+from client.health.gather import gather
+from client.health.report import HealthReport
 from client.text import SwarmClient
 from swarm.errors import ModelReferenceError
 from swarm.reference import resolve_model

@@ -84,6 +84,7 @@ def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, 
 
 
 def _pump(process: subprocess.Popen, lines: "queue.Queue[str]") -> None:
+    assert process.stdout is not None  # started with stdout=PIPE
     for line in process.stdout:
         lines.put(line)
 

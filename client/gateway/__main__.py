@@ -1,0 +1,3 @@
+from client.gateway.cli import app
+
+app()

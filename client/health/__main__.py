@@ -1,0 +1,3 @@
+from client.health.cli import app
+
+app()

@@ -1,0 +1,134 @@
+"""swarm-health's verdict: the report's schema and how records and round trips become one (pure, no network).
+
+Kept apart from the gathering and the command line so the verdict is testable without a swarm, and
+so the gateway's /health serves the very same report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, Field
+
+from client.route import format_ranges
+from swarm.dht import PeerRecord
+from swarm.records import PeerState
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeerReport(_Out):
+    """One peer's newest announcement for one model, and whether it answers us."""
+
+    peer_id: str = Field(description="libp2p peer id (base58)")
+    model: str = Field(description="name of the model whose blocks the peer announces")
+    dht_prefix: str
+    start: int = Field(description="first block of the peer's span")
+    end: int = Field(description="one past the last block of the peer's span")
+    state: PeerState
+    throughput: float = Field(description="announced decode steps per second through one block")
+    cache_tokens_left: int = Field(description="announced free KV cache, in tokens")
+    version: str
+    public_name: Optional[str]
+    rtt_ms: Optional[float] = Field(description="round trip of an INFO call from here; null if it did not answer")
+
+
+class ModelReport(_Out):
+    name: str
+    dht_prefix: str
+    num_blocks: int
+    announced: bool = Field(description="false when named with --model but absent from the swarm's registry")
+    covered: bool = Field(description="every block has at least one online peer")
+    blocks: list[list[str]] = Field(description="per block, the ids of the online peers serving it")
+    uncovered: list[int] = Field(description="blocks no online peer serves")
+
+
+class HealthReport(_Out):
+    checked_at: datetime
+    healthy: bool = Field(description="at least one model, and every listed model covered (exit status 0)")
+    models: list[ModelReport]
+    peers: list[PeerReport]
+    problems: list[str] = Field(description="what is wrong, in words, most serious first")
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.healthy else 1
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A model to check: from the registry, or named by the user (then maybe not announced)."""
+
+    name: str
+    dht_prefix: str
+    num_blocks: int
+    announced: bool
+
+
+def build_report(
+    targets: list[ModelTarget], tables: dict[str, list[dict[str, PeerRecord]]], rtts: dict[str, Optional[float]],
+    unknown: Sequence[str] = (),
+) -> HealthReport:
+    """Judge the swarm from what the DHT said (`tables`: dht prefix -> per block records) and ping times.
+
+    Coverage counts records that say online, reachable from here or not: a peer we cannot ping may
+    still serve clients elsewhere, so unreachability is a problem to show, not a gap. `unknown` holds
+    models the user named that neither the swarm nor this machine knows.
+    """
+    models, peers = [], []
+    gaps = [f"model {ref} is not announced in this swarm" for ref in unknown]
+    for target in targets:
+        table = tables.get(target.dht_prefix) or [{} for _ in range(target.num_blocks)]
+        online = [sorted(p for p, r in block.items() if r.announcement.state == PeerState.online) for block in table]
+        missing = [i for i, block in enumerate(online) if not block]
+        models.append(ModelReport(name=target.name, dht_prefix=target.dht_prefix, num_blocks=target.num_blocks,
+                                  announced=target.announced, covered=not missing, blocks=online, uncovered=missing))
+        if missing:
+            what = f"block {missing[0]} of {target.name} is" if len(missing) == 1 else \
+                f"blocks {format_ranges(missing)} of {target.name} are"
+            gaps.append(f"{what} served by nobody")
+        newest: dict[str, PeerRecord] = {}  # a peer that moved has old blocks marked offline: keep its latest word
+        for block in table:
+            for peer_id, record in block.items():
+                if peer_id not in newest or newest[peer_id].expiration_time < record.expiration_time:
+                    newest[peer_id] = record
+        for peer_id, record in newest.items():
+            rtt = rtts.get(peer_id)
+            peers.append(PeerReport(
+                peer_id=peer_id, model=target.name, dht_prefix=target.dht_prefix,
+                rtt_ms=None if rtt is None else round(rtt * 1000, 1),
+                **record.announcement.model_dump(include=set(PeerReport.model_fields))))
+    peers.sort(key=lambda p: (p.model, p.start, p.end, p.peer_id))
+    if not targets and not unknown:
+        gaps.append("no model is announced in this swarm")
+    return HealthReport(checked_at=datetime.now(timezone.utc), healthy=not gaps, models=models, peers=peers,
+                        problems=gaps + _peer_problems(peers))
+
+
+def _peer_problems(peers: list[PeerReport]) -> list[str]:
+    """Offline, unreachable and outdated peers: each hurts capacity even when coverage holds."""
+    problems = [f"{_who(p)} is offline" for p in peers if p.state == PeerState.offline]
+    problems += [f"{_who(p)} is unreachable" for p in peers if p.state != PeerState.offline and p.rtt_ms is None]
+    versions = {p.peer_id: (p, v) for p in peers if (v := _version(p.version)) is not None}
+    if versions:
+        latest = max(v for _, v in versions.values())
+        problems += [f"{_who(p)} runs an older version ({p.version} < {latest})"
+                     for p, v in versions.values() if v < latest]
+    return problems
+
+
+def _version(text: str) -> Optional[Version]:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None  # not comparable: shown in the table, never called older
+
+
+def _who(peer: PeerReport) -> str:
+    return f"peer {peer.peer_id[-8:]}" + (f" ({peer.public_name})" if peer.public_name else "")
+
+
