@@ -165,7 +165,7 @@ def start_proxied_peer(host: ProxyHost, args: list[str], log_dir: Path, name: st
                        delay_ms: float = 0.0, bandwidth_mbps: float | None = None):
     """A swarm-serve process that others can reach only through a new proxy: it listens on a real port
     but announces the proxy's. Returns (PeerProcess, DelayProxy)."""
-    from peer.launcher import start_peer
+    from swarm.local_swarm import start_peer
 
     real_port = free_port()
     proxy = host.add(real_port, delay_ms, bandwidth_mbps)

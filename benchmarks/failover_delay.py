@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import machine_info
 from client import DistributedModelForCausalLM
-from peer.launcher import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 
 SPANS = ["0:15", "15:30"]
 NEW_TOKENS, FAIL_AT = 48, 16
@@ -59,7 +59,7 @@ def main() -> None:
         swarm.add(["--blocks", "0:30"], "anchor")
         model = DistributedModelForCausalLM.from_pretrained(
             "smollm2-135m", initial_peers=swarm.initial_peers, step_timeout=args.step_timeout)
-        ids = model.model.tokenizer()(PROMPT, return_tensors="pt").input_ids
+        ids = model.resolved.tokenizer()(PROMPT, return_tensors="pt").input_ids
         try:
             for name, sig in (("SIGKILL", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP), ("SIGTERM", signal.SIGTERM)):
                 for run in range(args.runs):

@@ -77,7 +77,7 @@ def child(case: str, model_ref: str, dtype: str) -> dict:
     import torch  # every case pays for the same imports
     from transformers import AutoModelForCausalLM
 
-    from swarm import gguf_cache
+    from swarm import gguf_shards
     from swarm.client_parts import ClientParts
     from swarm.families import family_of
     from swarm.reference import resolve_model
@@ -90,8 +90,8 @@ def child(case: str, model_ref: str, dtype: str) -> dict:
     if case == "warm":
         model = resolve_model(model_ref)
         if model.gguf_file is not None:
-            groups = list(range(model.num_blocks)) + [gguf_cache.CLIENT_SHARD]
-            gguf_cache.ensure_shards(model.gguf_file, model.folder, groups)
+            groups = list(range(model.num_blocks)) + [gguf_shards.CLIENT_SHARD]
+            gguf_shards.ensure_shards(model.gguf_file, model.folder, groups)
     elif case == "baseline":
         pass
     elif case == "resolved":

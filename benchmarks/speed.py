@@ -195,7 +195,7 @@ def main(
 ) -> None:
     """Measure the baseline and the swarms in the same run, print ratios, write JSON."""
     from client import DistributedModelForCausalLM, loop
-    from peer.launcher import LocalSwarm, start_peer
+    from swarm.local_swarm import LocalSwarm, start_peer
     from swarm.reference import resolve_model
 
     split_names = parse_list(splits, str)

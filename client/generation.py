@@ -1,7 +1,7 @@
 """The decoding loop: transformers' logits processors and sampling, fed by a swarm session."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, cast
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -23,8 +23,7 @@ def generation_config(base: GenerationConfig, overrides: dict) -> GenerationConf
     unsupported = sorted(set(overrides) - SUPPORTED)
     if unsupported:
         raise ValueError(f"generate does not support {', '.join(unsupported)}; supported: {', '.join(sorted(SUPPORTED))}")
-    config = GenerationConfig(**{**base.to_dict(), **overrides})
-    config.seed = overrides.get("seed")
+    config = GenerationConfig(**{**base.to_dict(), **{k: v for k, v in overrides.items() if k != "seed"}})
     defaults = GenerationConfig._get_default_generation_params()
     for name in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty"):
         if getattr(config, name) is None:
@@ -62,14 +61,16 @@ def decode_tokens(
     tokenizer=None,
     first_logits: torch.Tensor | None = None,
     full_prefix: torch.Tensor | None = None,
+    seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step, until all rows hit EOS, a stop string or the limit.
 
     `input_ids` are the positions not yet sent, `full_prefix` those the session already holds (the
     processors see both, as in transformers). `first_logits` replaces the first call when nothing is new.
+    With `seed`, sampling draws from a generator of its own.
     """
     processors = logits_processors(config)
-    generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     eos = eos_ids(config)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     sequence = input_ids if full_prefix is None else torch.cat([full_prefix, input_ids], dim=1)
@@ -79,7 +80,7 @@ def decode_tokens(
     for _ in range(max_new_tokens):
         logits = first_logits if first_logits is not None else next_logits(new_ids, new_mask)
         first_logits = None
-        scores = processors(sequence, logits.float())
+        scores = processors(cast(torch.LongTensor, sequence), logits.float())
         if config.do_sample:
             tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
         else:

@@ -1,7 +1,7 @@
 """The LM head shared by concurrent generations of one client (a gateway, a benchmark, a batch job).
 
-The head is the biggest matrix a client holds (vocab x hidden: 49152 x 576 for SmolLM2, 113 MB in
-float32), and on a CPU one token through it costs about as much as eight. So concurrent sessions
+The head is the biggest matrix a client holds (vocab x hidden), and on a CPU one token through it
+costs nearly as much as several. So concurrent sessions
 do not each run their own product: whoever finds the head idle computes every request waiting at
 that moment, the others wait for their share. Before computing, it waits up to `max_wait` for the
 sessions whose step is on its last hop: the last peer answers the sessions of one batched pass one
@@ -20,9 +20,9 @@ from typing import Callable, Hashable
 import torch
 
 
-# The last peer answers the sessions of one pass back to back: 9 in 10 of their requests here came
-# within 3 ms of the previous one, while a session in a later pass comes tens of ms later. After
-# this much quiet, the sessions still on their last hop are in a later pass: stop waiting for them.
+# The last peer answers the sessions of one pass back to back, a few ms apart, while a session in a
+# later pass comes tens of ms later (docs/batching.md). After this much quiet, the sessions still on
+# their last hop are in a later pass: stop waiting for them.
 QUIET = 0.005
 
 
@@ -56,6 +56,7 @@ class SharedHead:
                 self._compute(self._gather())
         if request.error is not None:
             raise request.error
+        assert request.logits is not None  # computed by us or by whoever took it along
         return request.logits
 
     def expect(self, key: Hashable) -> None:

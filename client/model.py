@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 from hivemind.p2p import PeerID
@@ -29,7 +29,7 @@ class DistributedModelForCausalLM:
     """Embeddings and LM head run here; every transformer block runs on peers found through the DHT."""
 
     def __init__(self, model: ResolvedModel, settings: ClientSettings):
-        self.model, self.settings = model, settings
+        self.resolved, self.settings = model, settings
         self.config = model.config
         self.parts = ClientParts(model, settings.dtype)
         self.head = SharedHead(self.parts.logits, settings.head_batch_wait)
@@ -113,7 +113,7 @@ class DistributedModelForCausalLM:
         stop_strings: list[str] | str | None = None,
         tokenizer=None,
         **generation_kwargs,
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         """The new tokens of every row, one step at a time, as they are decoded."""
         config = generation_config(self.generation_config, generation_kwargs)
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
@@ -136,7 +136,7 @@ class DistributedModelForCausalLM:
 
             yield from decode_tokens(
                 next_logits, input_ids[:, seen:], attention_mask[:, seen:], config, max_new_tokens,
-                stop_strings, tokenizer, first_logits, full_prefix=input_ids[:, :seen],
+                stop_strings, tokenizer, first_logits, full_prefix=input_ids[:, :seen], seed=generation_kwargs.get("seed"),
             )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,7 +148,7 @@ class DistributedModelForCausalLM:
     async def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         await self.view.ensure_fresh()
         peers = self.view.online_peers()
-        route = build_route(self.model.num_blocks, peers, await self.view.rtts(list(peers)), self.bans.active())
+        route = build_route(self.resolved.num_blocks, peers, await self.view.rtts(list(peers)), self.bans.active())
         for hop in route:
             request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end),
                                             *protocol.input_tensors(hidden, mask))

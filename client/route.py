@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from swarm.dht import PeerRecord
@@ -22,7 +23,7 @@ def build_route(
     num_blocks: int,
     peers: dict[str, PeerRecord],
     rtts: dict[str, float],
-    banned: set[str] = frozenset(),
+    banned: AbstractSet[str] = frozenset(),
     first: int = 0,
     last: int | None = None,
     rng: random.Random | None = None,
@@ -59,9 +60,11 @@ def build_route(
                     best[j] = (cost, Hop(peer_id, i, j))
     if best[last][0] == float("inf"):
         raise RouteError(_explain_gap(first, last, peers, unusable))
-    hops, position = [], last
+    hops: list[Hop] = []
+    position = last
     while position != first:
         hop = best[position][1]
+        assert hop is not None  # every reached boundary but the first has the hop that reached it
         hops.append(hop)
         position = hop.start
     return hops[::-1]

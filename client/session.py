@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import torch
 from hivemind.p2p import PeerID
@@ -24,6 +24,7 @@ from swarm import protocol
 from swarm.errors import ProtocolError, RouteError, SwarmError
 
 logger = logging.getLogger(__name__)
+Reply = TypeVar("Reply", protocol.Opened, protocol.StepResult)
 
 
 class HopFailed(SwarmError):
@@ -41,8 +42,8 @@ class HopStream:
         self.hop = hop
         self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
         self.steps = 0  # steps this peer has answered: the number of the next one
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._responses = None
+        self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None  # once opened
 
     async def open(self, view: SwarmView, max_length: int, batch_size: int, timeout: float) -> None:
         async def requests():
@@ -70,25 +71,26 @@ class HopStream:
         mask: torch.Tensor | None,
         timeout: float,
         probe: "Probe | None" = None,
-        push: "list[HopStream]" = (),
+        next_streams: Sequence[HopStream] = (),
         send: bool = True,
     ) -> tuple[torch.Tensor, bool]:
         """This hop's output for new positions, and whether the peer pushed it to the next hop.
 
-        With `push`, the peer also hands its output straight to those later hops. If the previous hop
+        With `next_streams`, the peer also pushes its output to those later hops. If the previous hop
         pushed this input here, `send=False` only waits for the answer.
         """
         if send:
-            targets = [protocol.PushTarget(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in push]
-            request = protocol.Step(session_id=self.session_id, step=self.steps, push=targets)
+            targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in next_streams]
+            request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets)
             self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
         message, tensors = await self._receive(protocol.StepResult, timeout, probe)
         if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
         self.steps += 1
-        return tensors[0], message.pushed and bool(push)
+        return tensors[0], message.pushed and bool(next_streams)
 
-    async def _receive(self, expected: type, timeout: float, probe: "Probe | None" = None):
+    async def _receive(self, expected: type[Reply], timeout: float,
+                       probe: Probe | None = None) -> tuple[Reply, list[torch.Tensor]]:
         """The next reply. While waiting, `probe()` (if given) is awaited every so often and must say the
         peer is alive: a killed peer's p2pd may keep the stream open, a probe notices at once."""
         try:
@@ -111,6 +113,8 @@ class HopStream:
         return message, tensors
 
     async def _next_reply(self, timeout: float, probe: "Probe | None") -> runtime_pb2.ExpertResponse:
+        if self._responses is None:
+            raise HopFailed(f"the stream to peer {self.hop.peer_id[-8:]} is not open")
         reply = asyncio.ensure_future(anext(self._responses))
         deadline = asyncio.get_running_loop().time() + timeout
         try:
@@ -134,6 +138,8 @@ class HopStream:
             asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        if self._responses is None:
+            return
         try:
             async with asyncio.timeout(10):
                 async for _ in self._responses:
@@ -229,9 +235,9 @@ class InferenceSession:
             if index == len(self.streams) - 1:
                 on_last_hop()
             try:
-                push = self.streams[index + 1 :] if self.settings.push else []
+                later = self.streams[index + 1 :] if self.settings.push else []
                 output, pushed = await stream.step(
-                    hidden, mask, self.settings.step_timeout, self.probe, push, send=stream is not pushed_to
+                    hidden, mask, self.settings.step_timeout, self.probe, later, send=stream is not pushed_to
                 )
             except HopFailed as e:
                 retries += 1
@@ -244,13 +250,14 @@ class InferenceSession:
                 continue
             # kept only once the hop took it: a failover replays exactly what the failed peer holds
             self.history.setdefault(stream.hop.start, []).append((hidden, mask))
-            pushed_to = push[0] if pushed else None
+            pushed_to = later[0] if pushed else None
             hidden, index = output, index + 1
         self.steps += 1
         return hidden
 
     async def _open_route(self, first: int, last: int) -> list[HopStream]:
         """Open streams that cover [first, last), skipping peers that refuse or fail to answer."""
+        assert self.batch_size is not None  # known from the first step, which opens the first route
         deadline = time.monotonic() + self.settings.route_timeout
         full: set[str] = set()  # peers whose cache cannot hold this session: skipped here, not banned
         while True:

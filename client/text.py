@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from typing import Generator, Iterator, Literal, cast
 
 import torch
 from jinja2 import TemplateError
@@ -24,7 +24,7 @@ class PromptError(ValueError):
 class SwarmClient:
     def __init__(self, initial_peers: list[str], model: str | None = None, **settings):
         self.model = DistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers, **settings)
-        self.tokenizer = self.model.model.tokenizer()
+        self.tokenizer = self.model.resolved.tokenizer()
 
     def generate(self, prompt: str | None = None, *, stream: bool = False, **options) -> str | Iterator[str]:
         """The continuation of a prompt, or the assistant's answer to chat `messages` (via the chat template).
@@ -65,7 +65,7 @@ class SwarmClient:
             max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])
         if context is not None and input_ids.shape[1] + max_new_tokens > context:
             raise PromptError(
-                f"{self.model.model.name} has a context of {context} tokens, but {input_ids.shape[1]} prompt tokens "
+                f"{self.model.resolved.name} has a context of {context} tokens, but {input_ids.shape[1]} prompt tokens "
                 f"and {max_new_tokens} new tokens were asked for", "context_length_exceeded")
         sampling: dict = dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed) if temperature > 0 \
             else dict(do_sample=False)
@@ -74,12 +74,12 @@ class SwarmClient:
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The text the model sees for chat `messages`, ending where the assistant's answer begins."""
         if self.tokenizer.chat_template is None:
-            raise PromptError(f"{self.model.model.name} has no chat template: send a plain prompt instead",
+            raise PromptError(f"{self.model.resolved.name} has no chat template: send a plain prompt instead",
                               "no_chat_template")
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         except TemplateError as e:  # templates reject what they cannot render, e.g. roles out of order
-            raise PromptError(f"the chat template of {self.model.model.name} rejects these messages: {e}",
+            raise PromptError(f"the chat template of {self.model.resolved.name} rejects these messages: {e}",
                               "invalid_messages") from None
 
     def close(self) -> None:
@@ -113,7 +113,7 @@ class TextStream:
         self._pieces.close()
 
     def _decode(self, client: SwarmClient, input_ids: torch.Tensor, max_new_tokens: int, stop: list[str],
-                sampling: dict) -> Iterator[str]:
+                sampling: dict) -> Generator[str, None, None]:
         """Yield new text as soon as it is final: never half of a multi-byte character, never the start
         of what may turn out to be a stop string, and nothing from a stop string on."""
         tokenizer, eos = client.tokenizer, eos_ids(client.model.generation_config)
@@ -125,7 +125,7 @@ class TextStream:
             for step in steps:
                 tokens.append(int(step[0]))
                 self.completion_tokens = len(tokens)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                text = cast(str, tokenizer.decode(tokens, skip_special_tokens=True))
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
                     self.finish_reason = "stop"

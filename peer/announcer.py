@@ -7,7 +7,9 @@ import logging
 from hivemind.utils import get_dht_time
 
 import swarm
+from peer.sessions import SessionRegistry
 from swarm.dht import SwarmDHT
+from swarm.dtypes import DTypeName
 from swarm.records import BlockAnnouncement, ModelRegistration, PeerState
 from swarm.reference import ResolvedModel
 
@@ -16,12 +18,15 @@ EXPIRY_PERIODS = 3  # a record outlives a few missed re-announcements, not more
 
 
 class Announcer:
-    def __init__(self, dht: SwarmDHT, model: ResolvedModel, dtype: str, public_name: str | None, period: float):
-        self.dht, self.model, self.dtype, self.public_name, self.period = dht, model, dtype, public_name, period
+    """What this peer says about itself: its span, state and throughput, with the free cache read at each announcement."""
+
+    def __init__(self, dht: SwarmDHT, model: ResolvedModel, sessions: SessionRegistry, start: int, end: int,
+                 dtype: DTypeName, public_name: str | None, period: float):
+        self.dht, self.model, self.sessions = dht, model, sessions
+        self.start, self.end = start, end
+        self.dtype, self.public_name, self.period = dtype, public_name, period
         self.state = PeerState.joining
-        self.start = self.end = 0
-        self.throughput = 0.0
-        self.cache_tokens_left = lambda: 0
+        self.throughput = 0.0  # decode steps per second through one block; known once the blocks are loaded
 
     def record(self, state: PeerState | None = None) -> BlockAnnouncement:
         return BlockAnnouncement(
@@ -29,15 +34,18 @@ class Announcer:
             start=self.start,
             end=self.end,
             throughput=self.throughput,
-            cache_tokens_left=max(0, self.cache_tokens_left()),
+            cache_tokens_left=max(0, self.sessions.tokens_left),
             version=swarm.__version__,
             public_name=self.public_name,
             dtype=self.dtype,
         )
 
-    async def announce(self, state: PeerState | None = None) -> None:
+    async def announce(self, state: PeerState | None = None, throughput: float | None = None) -> None:
+        """Store the records now, with a new state or throughput if given."""
         if state is not None:
             self.state = state
+        if throughput is not None:
+            self.throughput = throughput
         expiration = get_dht_time() + EXPIRY_PERIODS * self.period
         await self.dht.announce_blocks(self.model.dht_prefix, self.record(), expiration)
         if self.state != PeerState.offline:
@@ -49,10 +57,12 @@ class Announcer:
             )
             await self.dht.register_model(registration, expiration)
 
-    async def withdraw(self, start: int, end: int) -> None:
-        """Mark blocks this peer no longer serves as offline (after moving to other blocks)."""
-        record = self.record(PeerState.offline).model_copy(update={"start": start, "end": end})
-        await self.dht.announce_blocks(self.model.dht_prefix, record, get_dht_time() + EXPIRY_PERIODS * self.period)
+    async def move(self, start: int, end: int) -> None:
+        """Announce the new span online and mark the blocks left behind offline."""
+        old = self.record(PeerState.offline)
+        self.start, self.end = start, end
+        await self.dht.announce_blocks(self.model.dht_prefix, old, get_dht_time() + EXPIRY_PERIODS * self.period)
+        await self.announce(PeerState.online)
 
     async def run(self) -> None:
         while True:

@@ -21,6 +21,7 @@ JOIN_HELP = (
 
 @app.command()
 def serve(
+    context: typer.Context,
     model: Optional[str] = typer.Option(None, help="Model reference: alias, folder, .gguf file or hub id (default: smollm2-135m)."),
     blocks: Optional[str] = typer.Option(None, help="Blocks to serve, START:END (end exclusive)."),
     num_blocks: Optional[int] = typer.Option(None, help="Serve this many blocks where the swarm needs them most."),
@@ -48,7 +49,7 @@ def serve(
     from peer.settings import load_settings
     from swarm.errors import SwarmError
 
-    flags = {k: v for k, v in locals().items() if k not in {"config", "load_settings", "SwarmError"}}
+    flags = {name: value for name, value in context.params.items() if name != "config"}  # each names a setting
     try:
         settings = load_settings(config, flags)
     except SwarmError as e:

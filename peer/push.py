@@ -39,11 +39,11 @@ class Pusher:
         self._queued: dict[str, list[_Queued]] = {}  # by next peer
         self._calls: set[asyncio.Task] = set()  # in flight, kept so they are not garbage-collected
 
-    def push(self, targets: list[protocol.PushTarget], hidden: torch.Tensor, mask: torch.Tensor | None) -> asyncio.Future:
+    def push(self, targets: list[protocol.NextHop], hidden: torch.Tensor, mask: torch.Tensor | None) -> asyncio.Future:
         """Queue an output for targets[0]; the future says whether that peer accepted it."""
         loop = asyncio.get_running_loop()
         target = targets[0]
-        item = protocol.PushItem(session_id=target.session_id, step=target.step, push=targets[1:], masked=mask is not None)
+        item = protocol.PushItem(session_id=target.session_id, step=target.step, next_hops=targets[1:], masked=mask is not None)
         queued = _Queued(item, protocol.input_tensors(hidden, mask), loop.create_future())
         if queued.bytes > protocol.MAX_PUSH_BYTES:  # a prefill chunk: the client sends it
             queued.accepted.set_result(False)
@@ -67,15 +67,21 @@ class Pusher:
             reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                 PeerID.from_base58(peer_id), protocol.PUSH, request, runtime_pb2.ExpertResponse), PUSH_TIMEOUT)
             message, _ = protocol.unpack_response(reply)
-            if isinstance(message, protocol.Pushed) and len(message.accepted) == len(chunk):
+            if isinstance(message, protocol.PushReply) and len(message.accepted) == len(chunk):
                 accepted = message.accepted
             else:
                 logger.debug(f"push to {peer_id[-8:]} refused: {message}")
         except Exception as e:
             logger.debug(f"push to {peer_id[-8:]} failed: {e!r}")
-        for q, ok in zip(chunk, accepted):
-            if not q.accepted.done():
-                q.accepted.set_result(ok)
+        finally:  # also when cancelled by close(): nobody is left waiting
+            for q, ok in zip(chunk, accepted):
+                if not q.accepted.done():
+                    q.accepted.set_result(ok)
+
+    def close(self) -> None:
+        """Stop the calls in flight: on shutdown their results can no longer reach anyone."""
+        for call in self._calls:
+            call.cancel()
 
 
 def _chunks(queued: list[_Queued]) -> Iterator[list[_Queued]]:

@@ -7,25 +7,27 @@ step never stalls the DHT or other sessions' I/O.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+import swarm
+from peer.announcer import Announcer
 from peer.push import Pusher
 from peer.scheduler import StepScheduler
 from peer.sessions import Session, SessionRefused, SessionRegistry
 from swarm import protocol
 from swarm.errors import ProtocolError
-from swarm.protocol import ErrorReply, Leaving, OpenSession, Opened, Pushed, Step, StepResult
-from swarm.cache import SpanCache
+from swarm.protocol import ErrorReply, Leaving, OpenSession, Opened, PushReply, Step, StepResult
+from swarm.kv_cache import KVCache
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
-_LEAVING, _IDLE, _CLOSED = object(), object(), object()
 PUSH_ACK_WAIT = 1.0  # how long a step's result waits to tell the client its push was accepted
 
 
@@ -35,14 +37,14 @@ class PeerService:
         span: Span,
         sessions: SessionRegistry,
         scheduler: StepScheduler,
-        info: Callable[[], protocol.PeerInfo],
+        pusher: Pusher,
+        announcer: Announcer,
         idle_timeout: float,
     ):
-        self.span, self.sessions, self.scheduler, self.info = span, sessions, scheduler, info
+        self.span, self.sessions, self.scheduler, self.pusher, self.announcer = span, sessions, scheduler, pusher, announcer
         self.idle_timeout = idle_timeout
         self.leaving = asyncio.Event()
         self.steps_in_flight = 0
-        self.pusher: Pusher | None = None
 
     async def register(self, p2p: P2P) -> None:
         ExpertRequest = runtime_pb2.ExpertRequest
@@ -51,17 +53,35 @@ class PeerService:
         await p2p.add_protobuf_handler(protocol.FORWARD, self.forward, ExpertRequest, stream_output=True)
         await p2p.add_protobuf_handler(protocol.INFO, self.rpc_info, ExpertRequest)
         await p2p.add_protobuf_handler(protocol.PUSH, self.rpc_push, ExpertRequest)
-        self.pusher = Pusher(p2p)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return protocol.pack_response(self.info())
+
+    def info(self) -> protocol.PeerInfo:
+        """What this peer serves and how loaded it is: its announcement, and the sessions and passes of now."""
+        announced = self.announcer
+        return protocol.PeerInfo(
+            model=announced.model.name,
+            dht_prefix=announced.model.dht_prefix,
+            start=announced.start,
+            end=announced.end,
+            version=swarm.__version__,
+            dtype=announced.dtype,
+            public_name=announced.public_name,
+            throughput=announced.throughput,
+            cache_tokens_left=self.sessions.tokens_left,
+            max_cache_tokens=self.sessions.max_cache_tokens,
+            open_sessions=len(self.sessions.sessions),
+            steps=self.scheduler.batched_steps,
+            passes=self.scheduler.passes,
+        )
 
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
             message, tensors = protocol.unpack_request(request)
             if not isinstance(message, protocol.ForwardRequest):
                 raise ProtocolError(f"expected a forward request, got {message.type!r}")
-            part = self.span.view(message.start, message.end)
+            part = self.span.subspan(message.start, message.end)
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size)
             cache = part.new_cache(*hidden.shape[:2])
             try:
@@ -83,18 +103,18 @@ class PeerService:
         try:
             while True:
                 event = await inputs.next(session, self.leaving, self.idle_timeout)
-                if event is _CLOSED:
+                if event is _End.closed:
                     return
-                if event is _LEAVING:
+                if event is _End.leaving:
                     yield protocol.pack_response(Leaving())
                     return
-                if event is _IDLE:
+                if event is _End.idle:
                     yield protocol.pack_response(ErrorReply(code="idle", message=f"session idle for {self.idle_timeout:.0f} s, closed"))
                     return
                 try:
-                    if isinstance(event, _Pushed):
-                        if event.step == session.steps:  # else the client's own copy came first
-                            yield await self._run_step(session, event.step, event.hidden, event.mask, event.push)
+                    if isinstance(event, _PushedInput):
+                        if session is not None and event.step == session.steps:  # else the client's own copy came first
+                            yield await self._run_step(session, event.step, event.hidden, event.mask, event.next_hops)
                         continue
                     message, tensors = protocol.unpack_request(event)
                     if session is None:
@@ -117,18 +137,19 @@ class PeerService:
                 self.scheduler.forget(session.cache)
                 logger.info(f"session {session.session_id} closed after {session.steps} steps")
 
-    def _open(self, message, remote: str) -> Session:
+    def _open(self, message: protocol.RequestMessage, remote: str) -> Session:
         if not isinstance(message, OpenSession):
             raise ProtocolError(f"the first message of a session must open it, got {message.type!r}")
-        part = self.span.view(message.start, message.end)
+        part = self.span.subspan(message.start, message.end)
         self.sessions.reserve(message.session_id, message.batch_size, message.max_length)
-        session = Session(message.session_id, part, part.new_cache(message.batch_size, message.max_length), remote)
+        session = Session(message.session_id, part, part.new_cache(message.batch_size, message.max_length))
         self.sessions.add(session)
         logger.info(f"session {message.session_id} opened by {remote[-8:]}: blocks {message.start}:{message.end}, "
                     f"{message.batch_size}x{message.max_length} tokens")
         return session
 
-    async def _step(self, session: Session, message, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse | None:
+    async def _step(self, session: Session, message: protocol.RequestMessage,
+                    tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse | None:
         if not isinstance(message, Step):
             raise ProtocolError(f"expected a step, got {message.type!r}")
         if message.session_id != session.session_id:
@@ -139,13 +160,13 @@ class PeerService:
         if message.step < session.steps:
             return None  # its pushed copy came first and was answered
         hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
-        return await self._run_step(session, message.step, hidden, mask, message.push)
+        return await self._run_step(session, message.step, hidden, mask, message.next_hops)
 
     async def _run_step(self, session: Session, step: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                        push: list[protocol.PushTarget]) -> runtime_pb2.ExpertResponse:
+                        next_hops: list[protocol.NextHop]) -> runtime_pb2.ExpertResponse:
         output = (await self._compute(session.span, hidden, session.cache, mask)).to(hidden.dtype)
         session.steps += 1
-        pushed = bool(push) and await self._accepted_soon(self.pusher.push(push, output, mask))
+        pushed = bool(next_hops) and await self._accepted_soon(self.pusher.push(next_hops, output, mask))
         return protocol.pack_response(StepResult(step=step, length=session.cache.length, pushed=pushed), output)
 
     @staticmethod
@@ -170,7 +191,7 @@ class PeerService:
         for item, count in zip(message.items, counts):
             accepted.append(self._accept_push(item, tensors[offset : offset + count]))
             offset += count
-        return protocol.pack_response(Pushed(accepted=accepted))
+        return protocol.pack_response(PushReply(accepted=accepted))
 
     def _accept_push(self, item: protocol.PushItem, tensors: list[torch.Tensor]) -> bool:
         session = self.sessions.sessions.get(item.session_id)
@@ -181,10 +202,10 @@ class PeerService:
         except ProtocolError as e:
             logger.debug(f"refused a push for session {item.session_id}: {e}")
             return False
-        session.pushed.put_nowait(_Pushed(item.step, hidden, mask, item.push))
+        session.pushed_inputs.put_nowait(_PushedInput(item.step, hidden, mask, item.next_hops))
         return True
 
-    async def _compute(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
+    async def _compute(self, span: Span, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
         self.steps_in_flight += 1
         try:
             return await self.scheduler.run(span, hidden, cache, mask)
@@ -201,11 +222,21 @@ class PeerService:
 
 
 @dataclass
-class _Pushed:
+class _PushedInput:
+    """A step's input that the previous hop's peer pushed here, waiting for its session's stream."""
+
     step: int
     hidden: torch.Tensor
     mask: torch.Tensor | None
-    push: list[protocol.PushTarget]
+    next_hops: list[protocol.NextHop]
+
+
+class _End(enum.Enum):
+    """Why a session's stream stops waiting without a request: the client closed it, we leave, or it idled."""
+
+    closed = "closed"
+    leaving = "leaving"
+    idle = "idle"
 
 
 class _Inputs:
@@ -219,11 +250,13 @@ class _Inputs:
         self.requests = requests
         self.pending: asyncio.Future | None = None
 
-    async def next(self, session: Session | None, leaving: asyncio.Event, idle_timeout: float):
+    async def next(
+        self, session: Session | None, leaving: asyncio.Event, idle_timeout: float
+    ) -> runtime_pb2.ExpertRequest | _PushedInput | _End:
         if self.pending is None:
             self.pending = asyncio.ensure_future(anext(self.requests))
         stop = asyncio.ensure_future(leaving.wait())
-        pushed = asyncio.ensure_future(session.pushed.get()) if session is not None else None
+        pushed = asyncio.ensure_future(session.pushed_inputs.get()) if session is not None else None
         waiting = {self.pending, stop} | ({pushed} if pushed is not None else set())
         done, _ = await asyncio.wait(waiting, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -236,8 +269,8 @@ class _Inputs:
             try:
                 return request.result()
             except StopAsyncIteration:
-                return _CLOSED
-        return _LEAVING if stop in done else _IDLE
+                return _End.closed
+        return _End.leaving if stop in done else _End.idle
 
     def close(self) -> None:
         if self.pending is not None:

@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.cache import SpanCache
+from swarm.kv_cache import KVCache
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
 
 
 # Steps that left one place together (one LM head product, one batched push) reach this peer within a
-# few ms of each other (client sends after a head product: 4-5 ms for four sessions); a session
-# expected later than this after the previous one travels in another group.
+# few ms of each other; a session expected later than this after the previous one travels in
+# another group (docs/batching.md).
 GROUP_SPREAD = 0.005
 
 
@@ -56,7 +56,7 @@ class _Pace:
 class _Job:
     span: Span
     hidden: torch.Tensor  # [rows, positions, hidden]
-    cache: SpanCache
+    cache: KVCache
     mask: torch.Tensor | None
     future: asyncio.Future
     order: int
@@ -83,7 +83,7 @@ class StepScheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    async def run(self, span: Span, hidden: torch.Tensor, cache: SpanCache, mask: torch.Tensor | None) -> torch.Tensor:
+    async def run(self, span: Span, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
         """The output of `span` for new positions of one session; runs together with other sessions' steps."""
         span.check(hidden, cache)  # a bad step fails alone, before it can join a batch
         if self._task is None:
@@ -183,7 +183,7 @@ class StepScheduler:
         return batch
 
     @staticmethod
-    def _next_chunk(job: _Job, positions: int) -> tuple[torch.Tensor, SpanCache, torch.Tensor | None]:
+    def _next_chunk(job: _Job, positions: int) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
         cut = slice(job.done, job.done + positions)
         return job.hidden[:, cut], job.cache, None if job.mask is None else job.mask[:, cut]
 
@@ -196,7 +196,7 @@ class StepScheduler:
         else:
             job.future.set_result(torch.cat(job.outputs, dim=1))
 
-    def forget(self, cache: SpanCache) -> None:
+    def forget(self, cache: KVCache) -> None:
         """A session closed: nobody waits for its next step."""
         self._paces.pop(id(cache), None)
 

@@ -11,15 +11,14 @@ import psutil
 import torch
 from rich.progress import Progress
 
-import swarm
 from peer.announcer import Announcer
 from peer.placement import Coverage, best_start, should_move
+from peer.push import Pusher
 from peer.rpc import PeerService
 from peer.scheduler import StepScheduler
 from peer.sessions import SessionRegistry
 from peer.settings import PeerSettings
 from peer.throughput import measure_throughput
-from swarm import protocol
 from swarm.dht import SwarmDHT
 from swarm.errors import SwarmError
 from swarm.records import PeerState
@@ -51,11 +50,11 @@ class Peer:
             loop.add_signal_handler(sig, self._stop)
         # Only the compute thread runs torch with several threads (its own setting, above). If the event
         # loop's tensor work (checks, conversions) went parallel too, OpenMP would keep a second team
-        # of threads, more than this machine's cores, and switch every team to slow sleeping waits:
-        # passes took 1.7 x as long (docs/batching.md).
+        # of threads, more than this machine's cores, and switch every team to slow sleeping waits
+        # (docs/batching.md).
         torch.set_num_threads(1)
         model = await loop.run_in_executor(self.compute, resolve_model, settings.model)
-        self.dht = await SwarmDHT.create(
+        dht = await SwarmDHT.create(
             settings.initial_peers,
             host=settings.host,
             port=settings.port,
@@ -63,65 +62,61 @@ class Peer:
             identity_path=str(settings.identity) if settings.identity else None,
         )
         try:
-            await self._serve(model)
+            await self._serve(model, dht)
         finally:
             try:  # bounded: on Ctrl-C the terminal signals p2pd too, and a dead daemon never answers
-                await asyncio.wait_for(self.dht.shutdown(), timeout=5)
+                await asyncio.wait_for(dht.shutdown(), timeout=5)
             except Exception as e:
                 logger.warning(f"p2p daemon did not shut down cleanly: {e!r}")
             self.compute.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, model: ResolvedModel) -> None:
+    async def _serve(self, model: ResolvedModel, dht: SwarmDHT) -> None:
         settings, loop = self.settings, asyncio.get_running_loop()
-        for maddr in await self.dht.visible_maddrs():
+        for maddr in await dht.visible_maddrs():
             print(f"listening on {maddr}", flush=True)
-        start, end = settings.span or await self._choose_span(model)
+        start, end = settings.span or await self._choose_span(model, dht)
         check_span(model, start, end)
-        self.announcer = Announcer(self.dht, model, settings.dtype, settings.public_name, settings.announce_period)
-        self.announcer.start, self.announcer.end = start, end
-        self.announcer.cache_tokens_left = lambda: self.sessions.tokens_left
-        await self.announcer.announce(PeerState.joining)
+        announcer = Announcer(dht, model, self.sessions, start, end, settings.dtype, settings.public_name,
+                              settings.announce_period)
+        await announcer.announce(PeerState.joining)
         logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix})")
 
         try:
             span = await self._load(model, start, end)
-            self.announcer.throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
+            throughput = await loop.run_in_executor(self.compute, measure_throughput, span)
         except LoadStopped:
             pass
         if self.stopping.is_set():  # Ctrl-C or SIGTERM while loading: leave without ever serving
             logger.info("stopped before serving: announcing offline")
-            await self._announce_offline()
+            await _announce_offline(announcer)
             return
-        self.scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait)
-        self.service = PeerService(span, self.sessions, self.scheduler, lambda: self._info(model), settings.session_idle_timeout)
-        await self.service.register(self.dht.p2p)
-        await self.announcer.announce(PeerState.online)
-        tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._watch_swarm(model))]
-        print(f"ready: serving {model.name} blocks {start}:{end} as {self.dht.peer_id} "
-              f"({self.announcer.throughput:.1f} block-steps/s)", flush=True)
+        scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait)
+        pusher = Pusher(dht.p2p)
+        service = PeerService(span, self.sessions, scheduler, pusher, announcer, settings.session_idle_timeout)
+        await service.register(dht.p2p)
+        await announcer.announce(PeerState.online, throughput)
+        tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service))]
+        print(f"ready: serving {model.name} blocks {start}:{end} as {dht.peer_id} "
+              f"({throughput:.1f} block-steps/s)", flush=True)
 
         await self.stopping.wait()
         logger.info("shutting down: announcing offline and draining open sessions")
         self.sessions.accepting = False
         for task in tasks:
             task.cancel()
-        await self._announce_offline()
-        await self.service.drain(settings.shutdown_grace)
+        await _announce_offline(announcer)
+        await service.drain(settings.shutdown_grace)
+        await scheduler.close()
+        pusher.close()
 
     def _stop(self) -> None:
         self.stopping.set()
         self._stop_loading.set()
 
-    async def _announce_offline(self) -> None:
-        try:
-            await asyncio.wait_for(self.announcer.announce(PeerState.offline), timeout=5)
-        except Exception as e:
-            logger.warning(f"could not announce offline: {e!r}")
-
-    async def _choose_span(self, model: ResolvedModel) -> tuple[int, int]:
+    async def _choose_span(self, model: ResolvedModel, dht: SwarmDHT) -> tuple[int, int]:
         length = self.settings.num_blocks or blocks_that_fit(model, self.settings)
-        blocks = await self.dht.read_blocks(model.dht_prefix, model.num_blocks)
-        start = best_start(Coverage.from_records(blocks, exclude=str(self.dht.peer_id)), length)
+        blocks = await dht.read_blocks(model.dht_prefix, model.num_blocks)
+        start = best_start(Coverage.from_records(blocks, exclude=str(dht.peer_id)), length)
         return start, min(start + length, model.num_blocks)
 
     async def _load(self, model: ResolvedModel, start: int, end: int) -> Span:
@@ -139,46 +134,35 @@ class Peer:
                 lambda: Span(model, start, end, self.settings.dtype, self.settings.device, on_block_loaded=loaded),
             )
 
-    async def _watch_swarm(self, model: ResolvedModel) -> None:
+    async def _watch_swarm(self, model: ResolvedModel, dht: SwarmDHT, service: PeerService) -> None:
         """Log who else serves the model; with automatic placement, move to uncovered blocks when this
         peer only duplicates others and no session is open here."""
+        announcer = service.announcer
         while True:
             await asyncio.sleep(self.settings.rebalance_period)
             try:
-                blocks = await self.dht.read_blocks(model.dht_prefix, model.num_blocks)
-                coverage = Coverage.from_records(blocks, exclude=str(self.dht.peer_id))
-                peers_seen = {pid for block in blocks for pid in block} - {str(self.dht.peer_id)}
+                blocks = await dht.read_blocks(model.dht_prefix, model.num_blocks)
+                coverage = Coverage.from_records(blocks, exclude=str(dht.peer_id))
+                peers_seen = {pid for block in blocks for pid in block} - {str(dht.peer_id)}
                 logger.info(f"swarm: {len(peers_seen)} other peers serve {model.name}; "
                             f"blocks served by nobody else: {[i for i, n in enumerate(coverage.peers) if n == 0]}")
-                old_start, old_end = self.announcer.start, self.announcer.end
+                old_start, old_end = announcer.start, announcer.end
                 new_start = should_move(coverage, old_start, old_end) if self.settings.span is None else None
                 if new_start is None or self.sessions.sessions:
                     continue
                 new_end = new_start + (old_end - old_start)
                 logger.info(f"moving from blocks {old_start}:{old_end} to {new_start}:{new_end} to fill a gap")
-                self.service.span = await self._load(model, new_start, new_end)
-                self.announcer.start, self.announcer.end = new_start, new_end
-                await self.announcer.withdraw(old_start, old_end)
-                await self.announcer.announce(PeerState.online)
+                service.span = await self._load(model, new_start, new_end)
+                await announcer.move(new_start, new_end)
             except Exception as e:
                 logger.warning(f"rebalancing check failed: {e!r}")
 
-    def _info(self, model: ResolvedModel) -> protocol.PeerInfo:
-        return protocol.PeerInfo(
-            model=model.name,
-            dht_prefix=model.dht_prefix,
-            start=self.announcer.start,
-            end=self.announcer.end,
-            version=swarm.__version__,
-            dtype=self.settings.dtype,
-            public_name=self.settings.public_name,
-            throughput=self.announcer.throughput,
-            cache_tokens_left=self.sessions.tokens_left,
-            max_cache_tokens=self.sessions.max_cache_tokens,
-            open_sessions=len(self.sessions.sessions),
-            steps=self.scheduler.batched_steps,
-            passes=self.scheduler.passes,
-        )
+
+async def _announce_offline(announcer: Announcer) -> None:
+    try:
+        await asyncio.wait_for(announcer.announce(PeerState.offline), timeout=5)
+    except Exception as e:
+        logger.warning(f"could not announce offline: {e!r}")
 
 
 def blocks_that_fit(model: ResolvedModel, settings: PeerSettings) -> int:

@@ -6,10 +6,9 @@ cannot hold at once, and the process never runs out of memory halfway through so
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
-from swarm.cache import SpanCache
+from swarm.kv_cache import KVCache
 from swarm.errors import SwarmError
 from swarm.protocol import ErrorCode
 from swarm.span import Span
@@ -25,11 +24,9 @@ class SessionRefused(SwarmError):
 class Session:
     session_id: str
     span: Span  # the part of the peer's span this hop uses
-    cache: SpanCache
-    remote: str
-    opened_at: float = field(default_factory=time.monotonic)
+    cache: KVCache
     steps: int = 0  # steps computed: the number of the next one
-    pushed: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs other peers pushed for this session
+    pushed_inputs: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs other peers pushed for this session
 
 
 class SessionRegistry:

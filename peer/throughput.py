@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from swarm.gguf_cache import cache_root
+from swarm.gguf_shards import data_dir
 from swarm.span import Span
 
 WARMUP_STEPS, MEASURED_STEPS = 2, 8
@@ -19,7 +19,7 @@ def measure_throughput(span: Span) -> float:
     """Decode steps per second through ONE block, so peers with different span sizes compare."""
     key = (f"{span.model.dht_prefix}:{span.device}:{str(span.dtype).removeprefix('torch.')}:{torch.get_num_threads()}"
            f":{hardware(span.device)}")
-    path = cache_root() / "throughput.json"
+    path = data_dir() / "throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         cached = json.loads(path.read_text()) if path.is_file() else {}

@@ -1,3 +1,3 @@
 """What peers and clients share: model references, spans, DHT records and the wire protocol."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

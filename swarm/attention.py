@@ -6,18 +6,19 @@ session. Attention is the only part that must see sessions apart: each has its o
 and mask, so this function cuts the flat sequence into segments, stores each segment's keys and
 values in its session's cache, and runs torch's SDPA per segment with the query heads grouped over
 the key/value heads (`enable_gqa`, no copies). It calls SDPA itself rather than through
-transformers' wrapper: every session in a pass pays this per layer, and with eight sessions the
-direct call (with one index per cache block) made a pass a quarter faster (docs/batching.md).
+transformers' wrapper: every session in a pass pays this per layer, and the direct call (with one
+index per cache block) makes passes of many sessions measurably faster (docs/batching.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from swarm.cache import SpanCache
+from swarm.kv_cache import KVCache
 
 NAME = "swarm_ragged"
 
@@ -26,7 +27,7 @@ NAME = "swarm_ragged"
 class Segment:
     """One session's new positions inside a flattened step: `rows` x `length` tokens, row-major."""
 
-    cache: SpanCache
+    cache: KVCache
     rows: int
     length: int
     masks: dict[int | None, torch.Tensor | None]  # per sliding window: [rows, 1, length, cache positions]
@@ -61,7 +62,7 @@ def ragged_attention(
             q, k, v = query[:, :, cut], key[:, :, cut], value[:, :, cut]
         else:
             q, k, v = (t[0, :, cut].unflatten(1, (segment.rows, segment.length)).transpose(0, 1) for t in (query, key, value))
-        keys, values = segment.cache.update(k, v, module.layer_idx)
+        keys, values = segment.cache.update(k, v, cast(int, module.layer_idx))
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=segment.masks[window], scale=scaling, enable_gqa=True
         )  # [rows, heads, length, dim]

@@ -3,13 +3,10 @@
 Both are the same product, but BLAS libraries pick different kernels for them. When a few tokens
 (one decode step per session) go through a [out, in] weight, `x @ W^T` is a short-and-wide
 product that MKL runs far below memory speed, while `W @ x^T` is a tall-and-thin one it streams
-through the weight at full speed. On our 2-core reference machine (MKL on AMD EPYC, float32)
-with two threads, weight-major is faster at most sizes from 2 tokens up (2 to 4 tokens about a
-third less time, prompts of 32 to 128 tokens 13-22 % less, 8 to 12 tokens about even). With one
-thread (peers sharing cores) it wins only up to 5 tokens; above that `x @ W^T` is as fast or
-faster (100 tokens through ten blocks: 95-111 ms against 129-143), so one thread goes
-weight-major for 2 to 5 tokens only (docs/batching.md). Results differ from `F.linear` only in the
-rounding of the sums (a few 1e-7 relative).
+through the weight at full speed. With several threads weight-major wins from 2 tokens up; with
+one thread (peers sharing cores) it wins only for a few tokens, so one thread goes weight-major up
+to ONE_THREAD_MAX_ROWS only (the measurements are in docs/batching.md). Results differ from
+`F.linear` only in the rounding of the sums.
 """
 from __future__ import annotations
 

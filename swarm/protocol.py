@@ -5,7 +5,7 @@ JSON messages below, `tensors` the hidden states (and an optional attention mask
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, TypeVar, Union
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -20,7 +20,7 @@ INFO = "swarm.info"  # unary: what a peer serves and how loaded it is
 PUSH = "swarm.push"  # unary: a peer hands its output straight to the next hop of a client's route
 
 MAX_PUSH_BYTES = 1024**2  # per push call; a larger output is not pushed (unary calls are capped at 4 MiB)
-MAX_PUSH_HOPS = 64
+MAX_NEXT_HOPS = 64
 MAX_PUSH_ITEMS = 256  # steps in one push call
 
 MAX_BATCH = 64
@@ -30,6 +30,7 @@ MAX_MESSAGE_BYTES = 256 * 1024**2
 HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
 MASK_DTYPES = {"bool", "int64", "int32"}
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+M = TypeVar("M")
 
 
 class _Message(BaseModel):
@@ -47,7 +48,7 @@ class OpenSession(_Message):
     batch_size: int = Field(gt=0, le=MAX_BATCH)
 
 
-class PushTarget(_Message):
+class NextHop(_Message):
     """A later hop of the route: its peer, its session there, and the step number this input is there."""
 
     peer_id: str = Field(min_length=1, max_length=128)
@@ -59,14 +60,14 @@ class Step(_Message):
     """New positions of an open session. Tensors: hidden [batch, new, hidden], optional mask [batch, new].
 
     Steps of a session are numbered 0, 1, 2... A step number already computed is a duplicate (its
-    input came first by push) and gets no reply; a number ahead of the next is refused. With `push`,
-    the peer also sends its output (and the mask) straight to push[0], passing on push[1:].
+    input came first by push) and gets no reply; a number ahead of the next is refused. With `next_hops`,
+    the peer also pushes its output (and the mask) to next_hops[0], passing on next_hops[1:].
     """
 
     type: Literal["step"] = "step"
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
-    push: list[PushTarget] = Field(default=[], max_length=MAX_PUSH_HOPS)
+    next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
 
 
 class PushItem(_Message):
@@ -74,7 +75,7 @@ class PushItem(_Message):
 
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
-    push: list[PushTarget] = Field(default=[], max_length=MAX_PUSH_HOPS)
+    next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
     masked: bool = False  # the item's tensors are hidden states and a mask, not hidden states alone
 
 
@@ -101,11 +102,11 @@ class InfoRequest(_Message):
     type: Literal["info"] = "info"
 
 
-class Pushed(_Message):
+class PushReply(_Message):
     """Reply to a push: per item, whether it was queued as its session's next step (the result goes to
     the client's stream). Refused: an unknown session, a step that is not the next, bad tensors."""
 
-    type: Literal["pushed"] = "pushed"
+    type: Literal["push_reply"] = "push_reply"
     accepted: list[bool]
 
 
@@ -157,10 +158,10 @@ class PeerInfo(_Message):
     passes: int = Field(ge=0, description="batched passes those steps took: fewer passes than steps means batching")
 
 
-Request = Annotated[Union[OpenSession, Step, ForwardRequest, InfoRequest, Push], Field(discriminator="type")]
-Response = Annotated[Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo, Pushed], Field(discriminator="type")]
-_REQUEST: TypeAdapter = TypeAdapter(Request)
-_RESPONSE: TypeAdapter = TypeAdapter(Response)
+RequestMessage = Union[OpenSession, Step, ForwardRequest, InfoRequest, Push]
+ResponseMessage = Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo, PushReply]
+_REQUEST: TypeAdapter[RequestMessage] = TypeAdapter(Annotated[RequestMessage, Field(discriminator="type")])
+_RESPONSE: TypeAdapter[ResponseMessage] = TypeAdapter(Annotated[ResponseMessage, Field(discriminator="type")])
 
 
 def pack_request(message: _Message, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
@@ -175,16 +176,17 @@ def pack_response(message: _Message, *tensors: torch.Tensor) -> runtime_pb2.Expe
     )
 
 
-def unpack_request(proto: runtime_pb2.ExpertRequest):
+def unpack_request(proto: runtime_pb2.ExpertRequest) -> tuple[RequestMessage, list[torch.Tensor]]:
     """Parse and validate a request; raise ProtocolError naming what is wrong."""
     return _unpack(proto, _REQUEST)
 
 
-def unpack_response(proto: runtime_pb2.ExpertResponse):
+def unpack_response(proto: runtime_pb2.ExpertResponse) -> tuple[ResponseMessage, list[torch.Tensor]]:
     return _unpack(proto, _RESPONSE)
 
 
-def _unpack(proto, adapter: TypeAdapter):
+def _unpack(proto: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse,
+            adapter: TypeAdapter[M]) -> tuple[M, list[torch.Tensor]]:
     if proto.ByteSize() > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {proto.ByteSize()} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:

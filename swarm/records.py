@@ -25,8 +25,9 @@ def block_key(dht_prefix: str, block: int) -> str:
 
 def is_signed_subkey(subkey: str | bytes) -> bool:
     """Only subkeys carrying their owner's public key are protected by hivemind's signature check."""
-    marker = OWNER_MARK.encode() if isinstance(subkey, bytes) else OWNER_MARK
-    return marker in subkey
+    if isinstance(subkey, bytes):
+        return OWNER_MARK.encode() in subkey
+    return OWNER_MARK in subkey
 
 
 def peer_id_of_subkey(subkey: str | bytes) -> str:

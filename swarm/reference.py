@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from swarm import gguf_cache
+from swarm import gguf_shards
 from swarm.errors import ModelReferenceError, WeightsError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -133,10 +133,10 @@ def _from_folder(folder: Path, name: str) -> ResolvedModel:
 
 
 def _from_gguf(file: Path, name: str) -> ResolvedModel:
-    folder = gguf_cache.cache_folder(file)
+    folder = gguf_shards.shard_folder(file)
     config = AutoConfig.from_pretrained(folder)
     digest = hashlib.sha256(_config_fingerprint(config))
-    digest.update(gguf_cache.read_fingerprint(folder).encode())
+    digest.update(gguf_shards.read_fingerprint(folder).encode())
     return ResolvedModel(name, folder, config, _dht_prefix(name, digest), gguf_file=file)
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from swarm.attention import NAME as RAGGED_ATTENTION, Segment
-from swarm.cache import SpanCache
+from swarm.kv_cache import KVCache
 from swarm.dtypes import to_torch_dtype
 from swarm.errors import ProtocolError
 from swarm.families import family_of
@@ -47,7 +47,7 @@ class Span:
         self.rotary = self.family.rotary_embedding(config).to(self.device)
         self.windows = [self.family.sliding_window(config, i) for i in range(start, end)]
 
-    def view(self, start: int, end: int) -> "Span":
+    def subspan(self, start: int, end: int) -> "Span":
         """Blocks [start, end) of this span, sharing its weights: a hop may use part of a peer's span."""
         if not self.start <= start < end <= self.end:
             raise ProtocolError(f"blocks {start}:{end} are not within this peer's span {self.start}:{self.end}")
@@ -61,16 +61,12 @@ class Span:
     def num_blocks(self) -> int:
         return self.end - self.start
 
-    def cache_bytes_per_token(self) -> int:
-        """Memory one token of one session's cache takes on this span: keys and values of every block."""
-        return 2 * self.num_blocks * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
-        return SpanCache(
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        return KVCache(
             self.start, self.num_blocks, batch_size, max_length, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
 
-    def check(self, hidden: torch.Tensor, cache: SpanCache) -> None:
+    def check(self, hidden: torch.Tensor, cache: KVCache) -> None:
         """Raise ProtocolError if `hidden` cannot extend `cache`: checked before a step joins a batch."""
         batch, length, _ = hidden.shape
         if cache.batch_size != batch:
@@ -81,7 +77,7 @@ class Span:
             )
 
     def forward(
-        self, hidden: torch.Tensor, cache: SpanCache | None = None, attention_mask: torch.Tensor | None = None
+        self, hidden: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run new positions through the span. `attention_mask` marks real tokens (1) and padding (0)."""
         if cache is None:
@@ -90,7 +86,7 @@ class Span:
 
     @torch.inference_mode()
     def forward_batch(
-        self, steps: list[tuple[torch.Tensor, SpanCache, torch.Tensor | None]]
+        self, steps: list[tuple[torch.Tensor, KVCache, torch.Tensor | None]]
     ) -> list[torch.Tensor]:
         """Several sessions' new positions in one pass: (hidden [rows, new, hidden], cache, mask) each.
 
@@ -130,7 +126,7 @@ class Span:
         return outputs
 
     @staticmethod
-    def _mask(cache: SpanCache, start: int, end: int, window: int | None) -> torch.Tensor | None:
+    def _mask(cache: KVCache, start: int, end: int, window: int | None) -> torch.Tensor | None:
         """[batch, 1, new, all] booleans: causal, real keys only, within the window; every query sees itself.
 
         None when every query sees every key (a decode step without padding): SDPA then skips the mask.

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from swarm import gguf_cache
+from swarm import gguf_shards
 from swarm.errors import SpanRangeError, WeightsError
 from swarm.reference import ResolvedModel, safetensors_files
 
@@ -31,8 +31,8 @@ def iter_block_weights(model: ResolvedModel, start: int, end: int) -> Iterator[d
     check_span(model, start, end)
     blocks = list(range(start, end))
     if model.gguf_file is not None:
-        gguf_cache.ensure_shards(model.gguf_file, model.folder, blocks)
-        files = [gguf_cache.shard_path(model.folder, i) for i in blocks]
+        gguf_shards.ensure_shards(model.gguf_file, model.folder, blocks)
+        files = [gguf_shards.shard_path(model.folder, i) for i in blocks]
     else:
         files = safetensors_files(model.folder)
     where = _index(files)
@@ -50,8 +50,8 @@ def _block_weights(model: ResolvedModel, where: dict[str, Path], block: int) -> 
 def load_client_weights(model: ResolvedModel) -> dict[str, torch.Tensor]:
     """Everything outside the blocks: embeddings, final norm, LM head."""
     if model.gguf_file is not None:
-        gguf_cache.ensure_shards(model.gguf_file, model.folder, [gguf_cache.CLIENT_SHARD])
-        files = [gguf_cache.shard_path(model.folder, gguf_cache.CLIENT_SHARD)]
+        gguf_shards.ensure_shards(model.gguf_file, model.folder, [gguf_shards.CLIENT_SHARD])
+        files = [gguf_shards.shard_path(model.folder, gguf_shards.CLIENT_SHARD)]
     else:
         files = safetensors_files(model.folder)
     where = _index(files)

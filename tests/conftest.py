@@ -17,6 +17,15 @@ from tiny_models import build_tiny_model, load_reference  # noqa: E402
 
 DEFAULT_SPLITS = [(0, 10), (10, 20), (20, 30)]
 DEFAULT_NEW_TOKENS = 32
+# fixtures that load the default model's weights (transformers' copy takes ~20 s): their tests are slow
+LOADS_DEFAULT_WEIGHTS = {"default_reference", "default_chain", "default_greedy"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that load the default model's weights are slow, like those that start processes (marked in their modules)."""
+    for item in items:
+        if LOADS_DEFAULT_WEIGHTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +46,6 @@ def tiny_model_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_path) -> Path:
     return tiny_model_path("llama")
-
-
-@pytest.fixture(scope="session")
-def tiny_mistral(tiny_model_path) -> Path:
-    return tiny_model_path("mistral")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2(tiny_model_path) -> Path:
-    return tiny_model_path("qwen2")
 
 
 @pytest.fixture(scope="session")

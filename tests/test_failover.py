@@ -9,9 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
-from peer.launcher import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 from swarm.errors import RouteError
 from swarm.reference import resolve_model
+
+pytestmark = pytest.mark.slow  # starts peer processes
 
 MODEL = resolve_model("smollm2-135m")
 SPANS = ["0:15", "15:30"]

@@ -10,10 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM, SwarmClient
-from peer.launcher import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 from tests.rpc_helpers import info
 from swarm.errors import RouteError
 from swarm.reference import resolve_model
+
+pytestmark = pytest.mark.slow  # starts peer processes
 
 MODEL = resolve_model("smollm2-135m")
 PROMPTS = [
@@ -122,7 +124,7 @@ def test_forward_logits(swarm_model, reference, tokenizer):
 @pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
 def test_text_api(swarm_model, tmp_path_factory):
     client = SwarmClient.__new__(SwarmClient)  # share the fixture's connection instead of joining again
-    client.model, client.tokenizer = swarm_model, swarm_model.model.tokenizer()
+    client.model, client.tokenizer = swarm_model, swarm_model.resolved.tokenizer()
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     text = client.generate(messages=messages, max_new_tokens=20)
     pieces = list(client.generate(messages=messages, max_new_tokens=20, stream=True))

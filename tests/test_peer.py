@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from client import loop
-from peer.launcher import LocalSwarm, launch_peer, start_peer
+from swarm.local_swarm import LocalSwarm, launch_peer, start_peer
 from swarm import protocol
 from swarm.dht import SwarmDHT
 from swarm.protocol import ErrorReply, ForwardRequest, Opened, OpenSession, Step, StepResult
@@ -19,6 +19,8 @@ from swarm.records import PeerState
 from swarm.reference import resolve_model
 from swarm.span import Span
 from tests.rpc_helpers import RawStream, forward, info
+
+pytestmark = pytest.mark.slow  # starts peer processes
 
 MODEL = resolve_model("smollm2-135m")
 HIDDEN = MODEL.hidden_size
@@ -106,8 +108,8 @@ def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
     a.send(protocol.pack_request(OpenSession(session_id="push-a", start=0, end=10, max_length=16, batch_size=1)))
     b.send(protocol.pack_request(OpenSession(session_id="push-b", start=10, end=12, max_length=16, batch_size=1)))
     for step, x in enumerate([torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)]):
-        target = protocol.PushTarget(peer_id=second, session_id="push-b", step=step)
-        reply, (middle,) = a.send(protocol.pack_request(Step(session_id="push-a", step=step, push=[target]), x))
+        target = protocol.NextHop(peer_id=second, session_id="push-b", step=step)
+        reply, (middle,) = a.send(protocol.pack_request(Step(session_id="push-a", step=step, next_hops=[target]), x))
         assert reply.pushed
         torch.testing.assert_close(middle, local_span.forward(x, head_cache), atol=1e-4, rtol=0)
         reply, (out,) = b.receive()  # nothing sent to b: the push fed it
@@ -118,8 +120,8 @@ def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
     reply, (out,) = b.send(protocol.pack_request(Step(session_id="push-b", step=2), x))
     assert reply.step == 2 and reply.length == 6
     torch.testing.assert_close(out, tail.forward(x, tail_cache), atol=1e-4, rtol=0)
-    stale = protocol.PushTarget(peer_id=second, session_id="push-b", step=1)
-    reply, _ = a.send(protocol.pack_request(Step(session_id="push-a", step=2, push=[stale]), x))
+    stale = protocol.NextHop(peer_id=second, session_id="push-b", step=1)
+    reply, _ = a.send(protocol.pack_request(Step(session_id="push-a", step=2, next_hops=[stale]), x))
     assert isinstance(reply, StepResult) and not reply.pushed
     a.close()
     b.close()

@@ -26,11 +26,11 @@ class _Peers:
         self.calls.append((peer_id.to_base58(), message, len(tensors)))
         if peer_id.to_base58() == PEER_B:
             raise ConnectionError("peer B is gone")
-        return protocol.pack_response(protocol.Pushed(accepted=[item.session_id != "gone" for item in message.items]))
+        return protocol.pack_response(protocol.PushReply(accepted=[item.session_id != "gone" for item in message.items]))
 
 
-def _target(peer: str, session: str) -> list[protocol.PushTarget]:
-    return [protocol.PushTarget(peer_id=peer, session_id=session, step=3)]
+def _target(peer: str, session: str) -> list[protocol.NextHop]:
+    return [protocol.NextHop(peer_id=peer, session_id=session, step=3)]
 
 
 def test_pushes_of_one_pass_share_one_call_per_next_peer():

@@ -40,3 +40,15 @@ def test_bad_yaml(tmp_path):
     config.write_text("[unclosed")
     with pytest.raises(SwarmError, match="peer.yaml"):
         load_settings(config, {})
+
+
+def test_every_flag_names_a_setting():
+    """swarm-serve hands its flags to load_settings by name; two settings are YAML and env only (docs/operations.md)."""
+    import inspect
+
+    from peer.cli import serve
+    from peer.settings import PeerSettings
+
+    flags = set(inspect.signature(serve).parameters) - {"context", "config"}
+    assert flags <= set(PeerSettings.model_fields)
+    assert set(PeerSettings.model_fields) - flags == {"shutdown_grace", "rebalance_period"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,15 +25,15 @@ from swarm.errors import WeightsError
 CLIENT_SHARD = "client"
 
 
-def cache_root() -> Path:
+def data_dir() -> Path:
     return Path(os.environ.get("SWARM_CACHE_DIR", Path.home() / ".cache" / "swarm-llm"))
 
 
-def cache_folder(file: Path) -> Path:
+def shard_folder(file: Path) -> Path:
     """Prepare (once) and return the cache folder of a GGUF file: config, tokenizer, fingerprint."""
     stat = file.stat()
     key = hashlib.sha256(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_root() / "gguf" / f"{file.stem}-{key}"
+    folder = data_dir() / "gguf" / f"{file.stem}-{key}"
     if (folder / "fingerprint").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def shard_path(folder: Path, group: int | str) -> Path:
     return folder / f"{name}.safetensors"
 
 
-def ensure_shards(file: Path, folder: Path, groups: list[int | str]) -> None:
+def ensure_shards(file: Path, folder: Path, groups: Sequence[int | str]) -> None:
     """Convert the blocks (ints) or the client parts that have no shard yet."""
     if all(shard_path(folder, g).is_file() for g in groups):
         return
@@ -99,7 +100,7 @@ def _convert(file: Path, folder: Path, groups: list[int | str]) -> None:
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     gguf_to_hf = get_gguf_hf_weights_map(skeleton, processor)
 
-    wanted = {g: {} for g in groups}
+    wanted: dict[int | str, dict[str, torch.Tensor]] = {g: {} for g in groups}
     for tensor in reader.tensors:
         group = _group_of(tensor.name)
         if group not in wanted:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 
-class SpanCache:
+class KVCache:
     """Preallocated keys and values for every block of a span, plus which positions hold real tokens.
 
     Preallocation makes a session's memory known when it opens, so a peer can refuse what it cannot
