@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m client.demo
 
-test: $(STAMP)
+test: typecheck
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  # no peer processes, no default-model weights: seconds
+	$(PY) -m pytest -q -m "not slow"
+
+typecheck: $(STAMP)  # mypy over swarm/ peer/ client/, configured in pyproject.toml
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) *.egg-info
