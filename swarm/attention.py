@@ -47,6 +47,7 @@ def ragged_attention(
     segments: list[Segment],
     window: int | None,
     scaling: float | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> [1, tokens, heads, dim].
@@ -63,13 +64,29 @@ def ragged_attention(
         else:
             q, k, v = (t[0, :, cut].unflatten(1, (segment.rows, segment.length)).transpose(0, 1) for t in (query, key, value))
         keys, values = segment.cache.update(k, v, cast(int, module.layer_idx))
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=segment.masks[window], scale=scaling, enable_gqa=True
-        )  # [rows, heads, length, dim]
+        if softcap is None:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=segment.masks[window], scale=scaling, enable_gqa=True
+            )  # [rows, heads, length, dim]
+        else:
+            out = _softcapped_attention(q, keys, values, segment.masks[window], scaling, softcap)
         outputs.append(out[0] if segment.rows == 1 else out.transpose(0, 1).flatten(1, 2))  # [heads, rows * length, dim]
         offset += segment.tokens
     joined = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return joined.transpose(0, 1)[None], None
+
+
+def _softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                          scaling: float | None, softcap: float) -> torch.Tensor:
+    """Attention whose scores are squashed into (-softcap, softcap) before the softmax (Gemma 2), as
+    transformers' eager attention computes it: SDPA has no soft-capping."""
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    scores = q @ keys.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
 
 
 AttentionInterface.register(NAME, ragged_attention)

@@ -19,8 +19,11 @@ class ClientParts(torch.nn.Module):
         config = model.config
         weights = load_client_weights(model)
         self.dtype = to_torch_dtype(dtype)
+        family = family_of(config)
         self.embed_tokens = torch.nn.Embedding.from_pretrained(weights["model.embed_tokens.weight"], freeze=True)
-        self.norm = family_of(config).norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embedding_scale = family.embedding_scale(config)  # Gemma: sqrt(hidden), in the embeddings' dtype
+        self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
         self.norm.load_state_dict({"weight": weights["model.norm.weight"]})
         head = weights.get("lm_head.weight")
         if head is None:
@@ -33,9 +36,15 @@ class ClientParts(torch.nn.Module):
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids)
+        if self.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
+        return hidden
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits, whatever the dtype, so that sampling behaves the same everywhere."""
-        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        logits = self.lm_head(self.norm(hidden.to(self.dtype)))
+        if self.logit_softcap is not None:  # Gemma 2: logits squashed into (-cap, cap)
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits.float()

@@ -89,6 +89,7 @@ def _convert(file: Path, folder: Path, groups: list[int | str]) -> None:
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
+        read_field,
     )
 
     reader = GGUFReader(file)
@@ -96,7 +97,9 @@ def _convert(file: Path, folder: Path, groups: list[int | str]) -> None:
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    architecture = config.model_type
+    # the file's own architecture name picks the tensor processor, as in transformers' loader: Mistral GGUFs
+    # say "llama" (q/k un-permuted), Gemma 3 says "gemma3" where the config says gemma3_text (norms minus 1)
+    architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     gguf_to_hf = get_gguf_hf_weights_map(skeleton, processor)
 

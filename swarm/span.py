@@ -32,6 +32,9 @@ class Span:
         self.dtype, self.device = to_torch_dtype(dtype), torch.device(device)
         config = copy.deepcopy(model.config)
         config._attn_implementation = RAGGED_ATTENTION
+        # routed experts (Mixtral) as transformers' plain per-expert loop: a token's result never depends on
+        # which other sessions' tokens share the pass
+        config._experts_implementation = "eager"
         self.config = config
         self.family = family_of(config)
         self.num_kv_heads = config.num_key_value_heads
@@ -40,12 +43,13 @@ class Span:
         for index, state in zip(range(start, end), iter_block_weights(model, start, end)):
             with torch.device("meta"):
                 layer = self.family.decoder_layer(config, layer_idx=index)
-            layer.load_state_dict(state, strict=True, assign=True)
+            layer.load_state_dict(self.family.block_weights(state), strict=True, assign=True)
             self.layers.append(weight_major(layer.to(device=self.device, dtype=self.dtype).eval()))
             if on_block_loaded is not None:
                 on_block_loaded(index)
         self.rotary = self.family.rotary_embedding(config).to(self.device)
         self.windows = [self.family.sliding_window(config, i) for i in range(start, end)]
+        self.layer_types = [self.family.layer_type(config, i) for i in range(start, end)]
 
     def subspan(self, start: int, end: int) -> "Span":
         """Blocks [start, end) of this span, sharing its weights: a hop may use part of a peer's span."""
@@ -55,6 +59,7 @@ class Span:
         part.start, part.end = start, end
         part.layers = self.layers[start - self.start : end - self.start]
         part.windows = self.windows[start - self.start : end - self.start]
+        part.layer_types = self.layer_types[start - self.start : end - self.start]
         return part
 
     @property
@@ -108,12 +113,16 @@ class Span:
             segments.append(Segment(cache, rows, length, masks))
         flat = torch.cat([h.to(device=self.device, dtype=self.dtype).flatten(0, 1) for h, _, _ in steps])[None]
         position_ids = torch.cat(positions)[None]
-        position_embeddings = self.rotary(flat, position_ids)
-        for layer, window in zip(self.layers, self.windows):
+        if self.family.per_layer_rope:
+            by_type = {kind: self.rotary(flat, position_ids, kind) for kind in set(self.layer_types)}
+            position_embeddings = [by_type[kind] for kind in self.layer_types]
+        else:
+            position_embeddings = [self.rotary(flat, position_ids)] * len(self.layers)
+        for layer, window, embeddings in zip(self.layers, self.windows, position_embeddings):
             flat = layer(
                 flat,
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_embeddings=embeddings,
                 segments=segments,
                 window=window,
             )

@@ -129,7 +129,7 @@ def test_tiny_spans_match_transformers_with_padding(family, sharded, tiny_model_
         assert max_diff(logits[:, -1], out.logits[step]) < TOL, f"decode step {step}"
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_tiny_sliding_window_is_exercised(family, tiny_model_path, tiny_reference):
     """Guard for the test above: spans that ignored the window would be caught on this data."""
     model = resolve_model(str(tiny_model_path(family)))

@@ -5,12 +5,7 @@ from transformers.models.mistral.modeling_mistral import (
     MistralRotaryEmbedding,
 )
 
-from swarm.families import Family
+from swarm.families import Family, window_on_every_layer
 
-FAMILY = Family(
-    "mistral",
-    MistralDecoderLayer,
-    MistralRotaryEmbedding,
-    MistralRMSNorm,
-    sliding_window=lambda config, layer: getattr(config, "sliding_window", None),
-)
+FAMILY = Family("mistral", MistralDecoderLayer, MistralRotaryEmbedding, MistralRMSNorm,
+                sliding_window=window_on_every_layer)
