@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast typecheck clean
+.PHONY: demo test test-fast typecheck browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m client.demo
 
-test: typecheck
+test: typecheck browser
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)  # no peer processes, no default-model weights: seconds
@@ -26,6 +26,11 @@ test-fast: $(STAMP)  # no peer processes, no default-model weights: seconds
 
 typecheck: $(STAMP)  # mypy over swarm/ peer/ client/, configured in pyproject.toml
 	$(VENV)/bin/mypy
+
+browser:  # the console's test drives Debian's chromium; installed when missing (needs root, as in CI)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "could not install chromium and chromium-driver: the console's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) *.egg-info

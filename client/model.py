@@ -47,7 +47,7 @@ class DistributedModelForCausalLM:
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
         """Inside the block, generate() continues this session: history is never resent."""
-        with self._session(max_length) as session:
+        with self.session(max_length) as session:
             previous, self._local.active = self._active, session
             try:
                 yield session
@@ -59,7 +59,8 @@ class DistributedModelForCausalLM:
         return getattr(self._local, "active", None)
 
     @contextlib.contextmanager
-    def _session(self, max_length: int) -> Iterator[InferenceSession]:
+    def session(self, max_length: int) -> Iterator[InferenceSession]:
+        """A new inference session, closed on the peers when the block ends; pass it to generate or iter_tokens."""
         session = InferenceSession(self.view, self.settings, self.bans, max_length)
         try:
             yield session
@@ -122,7 +123,7 @@ class DistributedModelForCausalLM:
         session = session or self._active
         with contextlib.ExitStack() as stack:
             if session is None:
-                session = stack.enter_context(self._session(input_ids.shape[1] + max_new_tokens))
+                session = stack.enter_context(self.session(input_ids.shape[1] + max_new_tokens))
             seen = session.position
             if seen > input_ids.shape[1]:
                 raise SwarmError(f"the session has seen {seen} positions but input_ids has only {input_ids.shape[1]}")

@@ -73,6 +73,7 @@ class HopStream:
         probe: "Probe | None" = None,
         next_streams: Sequence[HopStream] = (),
         send: bool = True,
+        trace_id: str | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """This hop's output for new positions, and whether the peer pushed it to the next hop.
 
@@ -81,7 +82,7 @@ class HopStream:
         """
         if send:
             targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in next_streams]
-            request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets)
+            request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets, trace_id=trace_id)
             self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
         message, tensors = await self._receive(protocol.StepResult, timeout, probe)
         if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
@@ -148,6 +149,28 @@ class HopStream:
             pass  # the peer may be gone already: nothing to free then
 
 
+@dataclass(frozen=True)
+class HopTiming:
+    """One hop of one step as the client saw it: from the previous hop's output (or the step's start) to this one's."""
+
+    peer_id: str
+    start: int
+    end: int
+    began_ms: float  # since the step started
+    ms: float
+    by_push: bool  # the previous hop's peer handed this hop its input
+
+
+@dataclass
+class StepTiming:
+    """One step through the route: its number, new positions, the trace id every hop logs, and its hops."""
+
+    step: int
+    positions: int
+    trace_id: str
+    hops: list[HopTiming] = field(default_factory=list)
+
+
 @dataclass
 class Probe:
     """Asks a peer whether it is alive while one of its steps runs long (its event loop never computes)."""
@@ -192,6 +215,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.closed = False
         self.last_logits: torch.Tensor | None = None  # set by generate, to continue without new tokens
+        self.timings: list[StepTiming] = []  # per step, each hop's time as the client saw it
         self.probe = Probe(view, settings.probe_after, settings.probe_timeout)
 
     @property
@@ -230,6 +254,8 @@ class InferenceSession:
     ) -> torch.Tensor:
         index, retries = 0, 0
         pushed_to: HopStream | None = None  # the stream the previous hop's peer handed this input to
+        timing = StepTiming(self.steps, hidden.shape[1], uuid.uuid4().hex[:16])
+        started = previous = time.perf_counter()
         while index < len(self.streams):
             stream = self.streams[index]
             if index == len(self.streams) - 1:
@@ -237,7 +263,8 @@ class InferenceSession:
             try:
                 later = self.streams[index + 1 :] if self.settings.push else []
                 output, pushed = await stream.step(
-                    hidden, mask, self.settings.step_timeout, self.probe, later, send=stream is not pushed_to
+                    hidden, mask, self.settings.step_timeout, self.probe, later, send=stream is not pushed_to,
+                    trace_id=timing.trace_id,
                 )
             except HopFailed as e:
                 retries += 1
@@ -250,9 +277,17 @@ class InferenceSession:
                 continue
             # kept only once the hop took it: a failover replays exactly what the failed peer holds
             self.history.setdefault(stream.hop.start, []).append((hidden, mask))
+            now = time.perf_counter()
+            timing.hops.append(HopTiming(stream.hop.peer_id, stream.hop.start, stream.hop.end,
+                                         round((previous - started) * 1000, 2), round((now - previous) * 1000, 2),
+                                         by_push=stream is pushed_to))
+            previous = now
             pushed_to = later[0] if pushed else None
             hidden, index = output, index + 1
         self.steps += 1
+        self.timings.append(timing)
+        logger.debug(f"step {timing.trace_id}: " + ", ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}] {h.ms:.1f} ms"
+                                                           for h in timing.hops))
         return hidden
 
     async def _open_route(self, first: int, last: int) -> list[HopStream]:

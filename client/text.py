@@ -9,6 +9,7 @@ from jinja2 import TemplateError
 
 from client.generation import eos_ids
 from client.model import DistributedModelForCausalLM
+from client.session import InferenceSession, StepTiming
 
 FinishReason = Literal["stop", "length"]
 
@@ -45,13 +46,15 @@ class SwarmClient:
         stop: list[str] | None = None,
         seed: int | None = None,
         fit_context: bool = False,
+        session: InferenceSession | None = None,
     ) -> "TextStream":
         """Start a generation: a TextStream of its text, which also tells token counts and why it ended.
 
         generate(stream=True) returns the same. Nothing is sent to the swarm until the first piece is asked for, so a PromptError (no chat
         template, empty prompt, longer than the model's context) comes before any network work. With
         `fit_context`, `max_new_tokens` is a default the caller did not choose: it shrinks to what the
-        context leaves after the prompt instead of being refused.
+        context leaves after the prompt instead of being refused. With `session` (the caller's, kept open
+        across turns), the prompt must continue what the session holds: only its new tokens are sent.
         """
         if (prompt is None) == (messages is None):
             raise ValueError("give either prompt or messages")
@@ -69,7 +72,7 @@ class SwarmClient:
                 f"and {max_new_tokens} new tokens were asked for", "context_length_exceeded")
         sampling: dict = dict(do_sample=True, temperature=temperature, top_p=top_p, seed=seed) if temperature > 0 \
             else dict(do_sample=False)
-        return TextStream(self, input_ids, max_new_tokens, stop or [], sampling)
+        return TextStream(self, input_ids, max_new_tokens, stop or [], sampling, session)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The text the model sees for chat `messages`, ending where the assistant's answer begins."""
@@ -92,16 +95,19 @@ class TextStream:
     `prompt_tokens` is known at once; `completion_tokens` (every token the model produced, an end of
     sequence included) and `finish_reason` ("stop": end of sequence or a stop string, "length":
     `max_new_tokens` reached) are final once the iterator is exhausted. close() ends the generation
-    early, and with it the inference session on the peers.
+    early, and with it the inference session on the peers unless the caller gave its own. `token_ids` are
+    the completion's tokens so far, `timings` the session's steps with each hop's time.
     """
 
     def __init__(self, client: SwarmClient, input_ids: torch.Tensor, max_new_tokens: int, stop: list[str],
-                 sampling: dict):
+                 sampling: dict, session: InferenceSession | None = None):
         self.prompt_tokens = input_ids.shape[1]
         self.max_new_tokens = max_new_tokens  # at most this many tokens come
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
-        self._pieces = self._decode(client, input_ids, max_new_tokens, stop, sampling)
+        self.token_ids: list[int] = []
+        self.timings: list[StepTiming] = [] if session is None else session.timings
+        self._pieces = self._decode(client, input_ids, max_new_tokens, stop, sampling, session)
 
     def __iter__(self) -> "TextStream":
         return self
@@ -113,15 +119,19 @@ class TextStream:
         self._pieces.close()
 
     def _decode(self, client: SwarmClient, input_ids: torch.Tensor, max_new_tokens: int, stop: list[str],
-                sampling: dict) -> Generator[str, None, None]:
+                sampling: dict, session: InferenceSession | None) -> Generator[str, None, None]:
         """Yield new text as soon as it is final: never half of a multi-byte character, never the start
         of what may turn out to be a stop string, and nothing from a stop string on."""
         tokenizer, eos = client.tokenizer, eos_ids(client.model.generation_config)
-        tokens: list[int] = []
+        tokens = self.token_ids
         text, sent = "", 0
-        steps = client.model.iter_tokens(input_ids, max_new_tokens=max_new_tokens, stop_strings=stop,
-                                         tokenizer=tokenizer, **sampling)
-        with contextlib.closing(steps):  # closed at once when we are, which closes the session
+        with contextlib.ExitStack() as stack:  # closed at once when we are, which closes our own session
+            if session is None:
+                session = stack.enter_context(client.model.session(input_ids.shape[1] + max_new_tokens))
+                self.timings = session.timings
+            steps = stack.enter_context(contextlib.closing(client.model.iter_tokens(
+                input_ids, max_new_tokens=max_new_tokens, stop_strings=stop, tokenizer=tokenizer, session=session,
+                **sampling)))
             for step in steps:
                 tokens.append(int(step[0]))
                 self.completion_tokens = len(tokens)

@@ -41,13 +41,15 @@ def serve(
     max_batch_rows: Optional[int] = typer.Option(None, help="Rows (sessions x batch) computed in one batched pass (default: 64)."),
     max_batch_tokens: Optional[int] = typer.Option(None, help="Tokens in one pass; longer prefills run in chunks (default: 512)."),
     max_batch_wait: Optional[float] = typer.Option(None, help="Seconds a pass may wait for steps of sessions due here (default: 0.1)."),
+    metrics_port: Optional[int] = typer.Option(
+        None, help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: off)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any of these settings (flags win over it)."),
 ) -> None:
     """Load blocks of a model, announce them in the DHT, and serve inference sessions until SIGTERM."""
     logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "INFO"), format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)])
     from peer.settings import load_settings
-    from swarm.errors import SwarmError
+    from swarm.errors import ModelReferenceError, SwarmError
 
     flags = {name: value for name, value in context.params.items() if name != "config"}  # each names a setting
     try:
@@ -65,6 +67,9 @@ def serve(
 
     try:
         uvloop.run(Peer(settings).run())
+    except ModelReferenceError as e:  # the model names nothing we can serve: a bad argument
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
     except SwarmError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1)

@@ -16,6 +16,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from peer.metrics import PeerMetrics
 from swarm import protocol
 
 logger = logging.getLogger(__name__)
@@ -34,16 +35,18 @@ class _Queued:
 
 
 class Pusher:
-    def __init__(self, p2p: P2P):
-        self.p2p = p2p
+    def __init__(self, p2p: P2P, metrics: PeerMetrics):
+        self.p2p, self.metrics = p2p, metrics
         self._queued: dict[str, list[_Queued]] = {}  # by next peer
         self._calls: set[asyncio.Task] = set()  # in flight, kept so they are not garbage-collected
 
-    def push(self, targets: list[protocol.NextHop], hidden: torch.Tensor, mask: torch.Tensor | None) -> asyncio.Future:
+    def push(self, targets: list[protocol.NextHop], hidden: torch.Tensor, mask: torch.Tensor | None,
+             trace_id: str | None = None) -> asyncio.Future:
         """Queue an output for targets[0]; the future says whether that peer accepted it."""
         loop = asyncio.get_running_loop()
         target = targets[0]
-        item = protocol.PushItem(session_id=target.session_id, step=target.step, next_hops=targets[1:], masked=mask is not None)
+        item = protocol.PushItem(session_id=target.session_id, step=target.step, next_hops=targets[1:],
+                                 masked=mask is not None, trace_id=trace_id)
         queued = _Queued(item, protocol.input_tensors(hidden, mask), loop.create_future())
         if queued.bytes > protocol.MAX_PUSH_BYTES:  # a prefill chunk: the client sends it
             queued.accepted.set_result(False)
@@ -75,6 +78,7 @@ class Pusher:
             logger.debug(f"push to {peer_id[-8:]} failed: {e!r}")
         finally:  # also when cancelled by close(): nobody is left waiting
             for q, ok in zip(chunk, accepted):
+                self.metrics.pushes.labels("sent", "accepted" if ok else "refused").inc()
                 if not q.accepted.done():
                     q.accepted.set_result(ok)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -18,6 +19,7 @@ from hivemind.proto import runtime_pb2
 
 import swarm
 from peer.announcer import Announcer
+from peer.metrics import PeerMetrics
 from peer.push import Pusher
 from peer.scheduler import StepScheduler
 from peer.sessions import Session, SessionRefused, SessionRegistry
@@ -39,9 +41,11 @@ class PeerService:
         scheduler: StepScheduler,
         pusher: Pusher,
         announcer: Announcer,
+        metrics: PeerMetrics,
         idle_timeout: float,
     ):
         self.span, self.sessions, self.scheduler, self.pusher, self.announcer = span, sessions, scheduler, pusher, announcer
+        self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.leaving = asyncio.Event()
         self.steps_in_flight = 0
@@ -55,7 +59,20 @@ class PeerService:
         await p2p.add_protobuf_handler(protocol.PUSH, self.rpc_push, ExpertRequest)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return protocol.pack_response(self.info())
+        return self._reply(self.info())
+
+    def _reply(self, message: protocol.ResponseMessage, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
+        """A response, counted: its bytes, and its error code if it refuses."""
+        response = protocol.pack_response(message, *tensors)
+        self.metrics.bytes.labels("out").inc(response.ByteSize())
+        if isinstance(message, ErrorReply):
+            self.metrics.refusals.labels(message.code).inc()
+        return response
+
+    def _received(self, request: runtime_pb2.ExpertRequest) -> tuple[protocol.RequestMessage, list[torch.Tensor]]:
+        """A request, counted and parsed; raises ProtocolError as unpack_request does."""
+        self.metrics.bytes.labels("in").inc(request.ByteSize())
+        return protocol.unpack_request(request)
 
     def info(self) -> protocol.PeerInfo:
         """What this peer serves and how loaded it is: its announcement, and the sessions and passes of now."""
@@ -78,7 +95,7 @@ class PeerService:
 
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         try:
-            message, tensors = protocol.unpack_request(request)
+            message, tensors = self._received(request)
             if not isinstance(message, protocol.ForwardRequest):
                 raise ProtocolError(f"expected a forward request, got {message.type!r}")
             part = self.span.subspan(message.start, message.end)
@@ -88,12 +105,12 @@ class PeerService:
                 output = await self._compute(part, hidden, cache, mask)
             finally:
                 self.scheduler.forget(cache)  # a one-shot cache: no pace to keep, and its id may come back
-            return protocol.pack_response(StepResult(step=0, length=hidden.shape[1]), output.to(hidden.dtype))
+            return self._reply(StepResult(step=0, length=hidden.shape[1]), output.to(hidden.dtype))
         except ProtocolError as e:
-            return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
+            return self._reply(ErrorReply(code="bad_request", message=str(e)))
         except Exception as e:
             logger.exception("forward failed")
-            return protocol.pack_response(ErrorReply(code="internal", message=f"internal error: {e}"))
+            return self._reply(ErrorReply(code="internal", message=f"internal error: {e}"))
 
     async def inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -106,30 +123,31 @@ class PeerService:
                 if event is _End.closed:
                     return
                 if event is _End.leaving:
-                    yield protocol.pack_response(Leaving())
+                    yield self._reply(Leaving())
                     return
                 if event is _End.idle:
-                    yield protocol.pack_response(ErrorReply(code="idle", message=f"session idle for {self.idle_timeout:.0f} s, closed"))
+                    yield self._reply(ErrorReply(code="idle", message=f"session idle for {self.idle_timeout:.0f} s, closed"))
                     return
                 try:
                     if isinstance(event, _PushedInput):
                         if session is not None and event.step == session.steps:  # else the client's own copy came first
-                            yield await self._run_step(session, event.step, event.hidden, event.mask, event.next_hops)
+                            yield await self._run_step(session, event.step, event.hidden, event.mask, event.next_hops,
+                                                       event.trace_id)
                         continue
-                    message, tensors = protocol.unpack_request(event)
+                    message, tensors = self._received(event)
                     if session is None:
                         session = self._open(message, str(context.remote_id))
-                        yield protocol.pack_response(Opened(session_id=session.session_id, cache_tokens_left=self.sessions.tokens_left))
+                        yield self._reply(Opened(session_id=session.session_id, cache_tokens_left=self.sessions.tokens_left))
                     elif (reply := await self._step(session, message, tensors)) is not None:
                         yield reply
                 except SessionRefused as e:
-                    yield protocol.pack_response(ErrorReply(code=e.code, message=str(e)))
+                    yield self._reply(ErrorReply(code=e.code, message=str(e)))
                     return
                 except ProtocolError as e:
-                    yield protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
+                    yield self._reply(ErrorReply(code="bad_request", message=str(e)))
         except Exception as e:
             logger.exception("inference session failed")
-            yield protocol.pack_response(ErrorReply(code="internal", message=f"internal error: {e}"))
+            yield self._reply(ErrorReply(code="internal", message=f"internal error: {e}"))
         finally:
             inputs.close()
             if session is not None:
@@ -153,21 +171,24 @@ class PeerService:
         if not isinstance(message, Step):
             raise ProtocolError(f"expected a step, got {message.type!r}")
         if message.session_id != session.session_id:
-            return protocol.pack_response(ErrorReply(
+            return self._reply(ErrorReply(
                 code="unknown_session", message=f"unknown session {message.session_id}: this stream carries {session.session_id}"))
         if message.step > session.steps:
             raise ProtocolError(f"step {message.step} skips ahead: the session's next step is {session.steps}")
         if message.step < session.steps:
             return None  # its pushed copy came first and was answered
         hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
-        return await self._run_step(session, message.step, hidden, mask, message.next_hops)
+        return await self._run_step(session, message.step, hidden, mask, message.next_hops, message.trace_id)
 
     async def _run_step(self, session: Session, step: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                        next_hops: list[protocol.NextHop]) -> runtime_pb2.ExpertResponse:
+                        next_hops: list[protocol.NextHop], trace_id: str | None) -> runtime_pb2.ExpertResponse:
         output = (await self._compute(session.span, hidden, session.cache, mask)).to(hidden.dtype)
         session.steps += 1
-        pushed = bool(next_hops) and await self._accepted_soon(self.pusher.push(next_hops, output, mask))
-        return protocol.pack_response(StepResult(step=step, length=session.cache.length, pushed=pushed), output)
+        if trace_id is not None:
+            logger.debug(f"step {trace_id}: session {session.session_id[:8]} step {step}, "
+                         f"{hidden.shape[0]}x{hidden.shape[1]} positions through {session.span.start}:{session.span.end}")
+        pushed = bool(next_hops) and await self._accepted_soon(self.pusher.push(next_hops, output, mask, trace_id))
+        return self._reply(StepResult(step=step, length=session.cache.length, pushed=pushed), output)
 
     @staticmethod
     async def _accepted_soon(accepted: asyncio.Future) -> bool:
@@ -179,19 +200,20 @@ class PeerService:
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Other peers' outputs for steps of our sessions, each queued for its session's stream to compute."""
         try:
-            message, tensors = protocol.unpack_request(request)
+            message, tensors = self._received(request)
             if not isinstance(message, protocol.Push):
                 raise ProtocolError(f"expected a push, got {message.type!r}")
             counts = [1 + item.masked for item in message.items]  # hidden states, and a mask if masked
             if len(tensors) != sum(counts):
                 raise ProtocolError(f"{len(message.items)} push items do not match {len(tensors)} tensors")
         except ProtocolError as e:
-            return protocol.pack_response(ErrorReply(code="bad_request", message=str(e)))
+            return self._reply(ErrorReply(code="bad_request", message=str(e)))
         accepted, offset = [], 0
         for item, count in zip(message.items, counts):
             accepted.append(self._accept_push(item, tensors[offset : offset + count]))
+            self.metrics.pushes.labels("received", "accepted" if accepted[-1] else "refused").inc()
             offset += count
-        return protocol.pack_response(PushReply(accepted=accepted))
+        return self._reply(PushReply(accepted=accepted))
 
     def _accept_push(self, item: protocol.PushItem, tensors: list[torch.Tensor]) -> bool:
         session = self.sessions.sessions.get(item.session_id)
@@ -202,15 +224,17 @@ class PeerService:
         except ProtocolError as e:
             logger.debug(f"refused a push for session {item.session_id}: {e}")
             return False
-        session.pushed_inputs.put_nowait(_PushedInput(item.step, hidden, mask, item.next_hops))
+        session.pushed_inputs.put_nowait(_PushedInput(item.step, hidden, mask, item.next_hops, item.trace_id))
         return True
 
     async def _compute(self, span: Span, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
         self.steps_in_flight += 1
+        started = time.perf_counter()
         try:
             return await self.scheduler.run(span, hidden, cache, mask)
         finally:
             self.steps_in_flight -= 1
+            self.metrics.step_seconds.observe(time.perf_counter() - started)
 
     async def drain(self, grace: float) -> None:
         """Let steps in flight finish (up to `grace` seconds), then tell every open session we leave."""
@@ -229,6 +253,7 @@ class _PushedInput:
     hidden: torch.Tensor
     mask: torch.Tensor | None
     next_hops: list[protocol.NextHop]
+    trace_id: str | None
 
 
 class _End(enum.Enum):

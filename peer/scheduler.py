@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peer.metrics import PeerMetrics
 from swarm.kv_cache import KVCache
 from swarm.span import Span
 
@@ -74,8 +75,10 @@ class _Job:
 
 
 class StepScheduler:
-    def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int, max_wait: float):
+    def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int, max_wait: float,
+                 metrics: PeerMetrics):
         self.compute, self.max_rows, self.max_tokens, self.max_wait = compute, max_rows, max_tokens, max_wait
+        self.metrics = metrics
         self.waiting: list[_Job] = []
         self.passes = self.batched_steps = 0  # what the batches looked like, reported by swarm.info
         self._arrivals = itertools.count()
@@ -95,6 +98,7 @@ class StepScheduler:
             pace.arrived(loop.time())
         future = loop.create_future()
         self.waiting.append(_Job(span, hidden, cache, mask, future, next(self._arrivals)))
+        self.metrics.queued.set(len(self.waiting))
         self._wake.set()
         return await future
 
@@ -117,6 +121,9 @@ class StepScheduler:
                     continue
                 self.passes += 1
                 self.batched_steps += len(batch)
+                self.metrics.passes.inc()
+                self.metrics.steps.inc(len(batch))
+                self.metrics.rows_per_pass.observe(sum(job.rows for job, _ in batch))
                 for (job, positions), output in zip(batch, outputs):
                     job.outputs.append(output)
                     job.done += positions
@@ -189,6 +196,7 @@ class StepScheduler:
 
     def _finish(self, job: _Job, error: Exception | None) -> None:
         self.waiting.remove(job)
+        self.metrics.queued.set(len(self.waiting))
         if job.future.done():
             return
         if error is not None:

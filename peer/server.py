@@ -12,6 +12,7 @@ import torch
 from rich.progress import Progress
 
 from peer.announcer import Announcer
+from peer.metrics import PeerMetrics, serve_metrics
 from peer.placement import Coverage, best_start, should_move
 from peer.push import Pusher
 from peer.rpc import PeerService
@@ -21,6 +22,7 @@ from peer.settings import PeerSettings
 from peer.throughput import measure_throughput
 from swarm.dht import SwarmDHT
 from swarm.errors import SwarmError
+from swarm.families import family_of
 from swarm.records import PeerState
 from swarm.reference import ResolvedModel, resolve_model
 from swarm.span import Span
@@ -41,6 +43,7 @@ class Peer:
             max_workers=1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
         self.sessions = SessionRegistry(settings.max_cache_tokens)
+        self.metrics = PeerMetrics(self.sessions)
         self.stopping = asyncio.Event()
         self._stop_loading = threading.Event()  # the same signal, for the compute thread while it loads blocks
 
@@ -54,6 +57,8 @@ class Peer:
         # (docs/batching.md).
         torch.set_num_threads(1)
         model = await loop.run_in_executor(self.compute, resolve_model, settings.model)
+        family_of(model.config)  # an architecture we cannot run fails here, before the swarm ever hears of us
+        exporter = None if settings.metrics_port is None else await self._serve_metrics()  # a taken port fails now
         dht = await SwarmDHT.create(
             settings.initial_peers,
             host=settings.host,
@@ -64,6 +69,8 @@ class Peer:
         try:
             await self._serve(model, dht)
         finally:
+            if exporter is not None:
+                exporter.close()
             try:  # bounded: on Ctrl-C the terminal signals p2pd too, and a dead daemon never answers
                 await asyncio.wait_for(dht.shutdown(), timeout=5)
             except Exception as e:
@@ -90,9 +97,11 @@ class Peer:
             logger.info("stopped before serving: announcing offline")
             await _announce_offline(announcer)
             return
-        scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait)
-        pusher = Pusher(dht.p2p)
-        service = PeerService(span, self.sessions, scheduler, pusher, announcer, settings.session_idle_timeout)
+        scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait,
+                                  self.metrics)
+        pusher = Pusher(dht.p2p, self.metrics)
+        service = PeerService(span, self.sessions, scheduler, pusher, announcer, self.metrics,
+                              settings.session_idle_timeout)
         await service.register(dht.p2p)
         await announcer.announce(PeerState.online, throughput)
         tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service))]
@@ -108,6 +117,17 @@ class Peer:
         await service.drain(settings.shutdown_grace)
         await scheduler.close()
         pusher.close()
+
+    async def _serve_metrics(self) -> asyncio.Server:
+        assert self.settings.metrics_port is not None
+        try:
+            exporter = await serve_metrics(self.metrics, self.settings.host, self.settings.metrics_port)
+        except OSError as e:
+            raise SwarmError(f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: "
+                             f"{e.strerror or e}") from None
+        host, port = exporter.sockets[0].getsockname()[:2]
+        print(f"metrics on http://{host}:{port}/metrics", flush=True)
+        return exporter
 
     def _stop(self) -> None:
         self.stopping.set()
@@ -167,8 +187,6 @@ async def _announce_offline(announcer: Announcer) -> None:
 
 def blocks_that_fit(model: ResolvedModel, settings: PeerSettings) -> int:
     """As many blocks as half of the free memory holds, after the cache budget."""
-    from swarm.families import family_of
-
     with torch.device("meta"):
         layer = family_of(model.config).decoder_layer(model.config, layer_idx=0)
     itemsize = torch.finfo(getattr(torch, settings.dtype)).bits // 8

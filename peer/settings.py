@@ -42,6 +42,7 @@ class PeerSettings(BaseModel):
     max_batch_wait: float = Field(
         default=0.1, ge=0, description="seconds a pass may wait for the steps of sessions due on this peer"
     )
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics on this port")
 
     @field_validator("blocks")
     @classmethod

@@ -22,6 +22,7 @@ class PeerProcess:
     log: Path
     maddrs: list[str] = field(default_factory=list)
     ready_line: str = ""
+    metrics_url: str = ""  # with --metrics-port
     lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
     reader: threading.Thread | None = None  # puts stdout into `lines`; ends at the process's end
 
@@ -76,6 +77,8 @@ def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, 
             continue
         if line.startswith("listening on "):
             peer.maddrs.append(line.split(" ", 2)[2].strip())
+        elif line.startswith("metrics on "):
+            peer.metrics_url = line.split(" ", 2)[2].strip()
         elif line.startswith("ready"):
             peer.ready_line = line.strip()
             return peer

@@ -30,6 +30,7 @@ MAX_MESSAGE_BYTES = 256 * 1024**2
 HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
 MASK_DTYPES = {"bool", "int64", "int32"}
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+TRACE_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
 M = TypeVar("M")
 
 
@@ -68,6 +69,7 @@ class Step(_Message):
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
     next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
+    trace_id: str | None = Field(default=None, pattern=TRACE_ID)  # the client's name for this step, logged by every hop
 
 
 class PushItem(_Message):
@@ -76,7 +78,8 @@ class PushItem(_Message):
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
     next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
-    masked: bool = False  # the item's tensors are hidden states and a mask, not hidden states alone
+    masked: bool = False
+    trace_id: str | None = Field(default=None, pattern=TRACE_ID)  # the item's tensors are hidden states and a mask, not hidden states alone
 
 
 class Push(_Message):

@@ -7,12 +7,7 @@ client's own greedy generation in this process (tests/test_generate.py shows tha
 from __future__ import annotations
 
 import functools
-import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +21,11 @@ from client import SwarmClient
 from client.generation import eos_ids
 from client.text import PromptError
 from swarm.local_swarm import LocalSwarm
+from tests.gateway_process import running_api, start_api
 from tests.rpc_helpers import info
 
 pytestmark = pytest.mark.slow  # starts peer processes
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
 MODEL = "smollm2-135m"
 UNSERVED = "tiny-unserved"
@@ -64,41 +59,14 @@ def unserved(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return folder
 
 
-def start_api(*args: str, log: Path | None = None) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
-    """`swarm-api ARGS` with its stdout lines pumped into a queue; stderr goes to `log`, else to a pipe."""
-    env = {k: v for k, v in os.environ.items() if k != "SWARM_INITIAL_PEERS"}
-    stderr = subprocess.PIPE if log is None else log.open("w")
-    try:
-        process = subprocess.Popen([sys.executable, "-m", "client.gateway", *args], stdout=subprocess.PIPE,
-                                   stderr=stderr, env=env, text=True, cwd=ROOT)
-    finally:
-        if log is not None:
-            stderr.close()  # the child has its own copy
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    return process, lines
-
-
 @pytest.fixture(scope="module")
 def gateway(swarm: LocalSwarm, unserved: Path, tmp_path_factory: pytest.TempPathFactory):
     """The base URL (…/v1) of swarm-api, started as an operator would, stopped with SIGTERM at the end."""
     log = tmp_path_factory.mktemp("api-logs") / "swarm-api.log"
-    process, lines = start_api("--initial-peers", swarm.initial_peers[0], "--model", MODEL, "--model", str(unserved),
-                               "--port", "0", "--api-key", KEY, "--log-level", "warning", log=log)
-    try:
-        try:
-            ready = lines.get(timeout=120)
-        except queue.Empty:
-            ready = ""
-        assert ready.startswith("ready: http://127.0.0.1:"), f"{ready!r}, log: {log.read_text()[-3000:]}"
+    with running_api("--initial-peers", swarm.initial_peers[0], "--model", MODEL, "--model", str(unserved),
+                     "--api-key", KEY, "--log-level", "warning", log=log) as ready:
         assert ready.split()[2:4] == ["serving", f"{MODEL},"], ready
         yield ready.split()[1]
-    finally:
-        process.terminate()
-        try:
-            assert process.wait(30) == 0
-        finally:
-            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +293,19 @@ def test_models_health_metrics_and_openapi(api: openai.OpenAI, gateway: str) -> 
     assert moved[("swarm_api_tokens_total", (("kind", "completion"), ("model", MODEL)))] == answer.usage.completion_tokens
     assert moved[("swarm_api_request_duration_seconds_count", completions)] == 2
     assert moved[("swarm_api_time_to_first_token_seconds_count", (("model", MODEL),))] == 1
+
+    timeline = httpx.get(f"{root}/console/timeline/{answer.id}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert timeline["id"] == answer.id
+    assert [step["positions"] for step in timeline["steps"]] == [answer.usage.prompt_tokens] + [1] * 3
+    assert all([(hop["start"], hop["end"]) for hop in step["hops"]] == [(0, 30)] for step in timeline["steps"])
+    assert httpx.get(f"{root}/console/timeline/{answer.id}").status_code == 401  # behind the key, like /v1
+    console = httpx.get(f"{root}/console/info").json()
+    assert console["api_key_required"] and console["models"] == [MODEL, UNSERVED]
+    assert console["join"][MODEL].startswith("swarm-serve --model smollm2-135m --initial-peers /ip4/127.0.0.1/")
+    page = httpx.get(f"{root}/")
+    assert page.status_code == 200 and "/console/static/console.js" in page.text
+    assert httpx.get(f"{root}/console/static/console.js").status_code == 200
+    assert httpx.get(f"{root}/console/static/..%2Fapp.py").status_code == 404
 
     schema = httpx.get(f"{root}/openapi.json").json()
     assert {path: sorted(ops) for path, ops in schema["paths"].items()} == {

@@ -12,9 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from peer.metrics import PeerMetrics
 from peer.scheduler import StepScheduler
+from peer.sessions import SessionRegistry
 from swarm.reference import resolve_model
 from swarm.span import Span
+from tiny_models import FAMILIES
 
 PROMPT_LENGTHS = [3, 17, 9, 30]
 
@@ -32,11 +35,15 @@ def sessions(span: Span, batch_sizes: list[int], seed: int = 0):
     return caches, steps
 
 
+def new_scheduler(max_rows: int, max_tokens: int, max_wait: float) -> StepScheduler:
+    return StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows, max_tokens, max_wait, PeerMetrics(SessionRegistry(1)))
+
+
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / (b.abs() + 1)).max().item()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: the sliding window cuts the longer prompts
+@pytest.mark.parametrize("family", FAMILIES)  # windows cut the longer prompts; Mixtral routes them through experts
 def test_batched_prefill_and_decode_equal_each_session_alone(family, tiny_model_path):
     span = Span(resolve_model(str(tiny_model_path(family))), 0, 5)
     alone, steps = sessions(span, [1, 2, 1, 2])
@@ -84,7 +91,7 @@ def test_scheduler_batches_waiting_steps_and_chunks_long_prefills(tiny_model_pat
     decodes = [torch.randn(1, 1, hidden) for _ in range(4)]
 
     async def scenario():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=8, max_wait=0.02)
+        scheduler = new_scheduler(max_rows=8, max_tokens=8, max_wait=0.02)
         caches = [span.new_cache(1, 64) for _ in range(5)]
         finished: list[str] = []
 
@@ -114,7 +121,7 @@ def test_scheduler_rejects_a_bad_step_without_harming_the_batch(tiny_model_path)
     hidden = span.config.hidden_size
 
     async def scenario():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64, max_wait=0.02)
+        scheduler = new_scheduler(max_rows=8, max_tokens=64, max_wait=0.02)
         full = span.new_cache(1, 2)
         good = asyncio.create_task(scheduler.run(span, torch.randn(1, 3, hidden), span.new_cache(1, 8), None))
         with pytest.raises(Exception, match="exceed the session's max length"):
@@ -141,7 +148,7 @@ def test_scheduler_brings_sessions_out_of_phase_together(tiny_model_path):
         scheduler.forget(cache)
 
     async def out_of_phase():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64, max_wait=0.1)
+        scheduler = new_scheduler(max_rows=8, max_tokens=64, max_wait=0.1)
         caches = [span.new_cache(1, 64) for _ in range(2)]
         await asyncio.gather(session(scheduler, caches[0], 12, 0.08), session(scheduler, caches[1], 12, 0.08, 0.04))
         await scheduler.close()
@@ -152,14 +159,14 @@ def test_scheduler_brings_sessions_out_of_phase_together(tiny_model_path):
     assert scheduler.passes <= 24 - 8, f"{scheduler.passes} passes: the sessions rarely met"
 
     async def never_waits():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=8, max_tokens=64, max_wait=60)
+        scheduler = new_scheduler(max_rows=8, max_tokens=64, max_wait=60)
         await asyncio.wait_for(session(scheduler, span.new_cache(1, 64), 5, 0.01), 30)  # alone
         await session(scheduler, span.new_cache(1, 64), 3, 0.01)  # closes (forget) after 3 steps
         await asyncio.wait_for(session(scheduler, span.new_cache(1, 64), 3, 0.01), 30)
         await scheduler.close()
 
     async def full_pass_never_waits():
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=1, max_tokens=64, max_wait=60)
+        scheduler = new_scheduler(max_rows=1, max_tokens=64, max_wait=60)
         paused = span.new_cache(1, 64)
         for _ in range(3):
             await scheduler.run(span, torch.randn(1, 1, hidden), paused, None)
@@ -183,7 +190,7 @@ def test_scheduler_never_takes_part_of_a_group(tiny_model_path):
     hidden = span.config.hidden_size
 
     async def scenario() -> tuple[float, int]:
-        scheduler = StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows=4, max_tokens=64, max_wait=1.0)
+        scheduler = new_scheduler(max_rows=4, max_tokens=64, max_wait=1.0)
         group = [span.new_cache(1, 64) for _ in range(4)]
         pair = [span.new_cache(1, 64) for _ in range(2)]
 

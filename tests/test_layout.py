@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCTS = ("client.gateway", "client.health")
+PRODUCTS = ("client.gateway", "client.health", "client.chat")
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -38,7 +38,8 @@ def _violations(package: str, forbidden: tuple[str, ...], skip: tuple[str, ...] 
     ("peer", ("client",), ()),
     ("client", ("peer",), ()),
     ("client", PRODUCTS, PRODUCTS),  # the core client knows none of the products built on it
-    ("client.health", ("client.gateway",), ()),
+    ("client.health", ("client.gateway", "client.chat"), ()),
+    ("client.chat", ("client.gateway", "client.health"), ()),
     ("client.gateway", ("client.health.cli",), ()),  # the gateway uses the health library, not its command
 ])
 def test_imports_flow_one_way(package: str, forbidden: tuple[str, ...], skip: tuple[str, ...]) -> None:

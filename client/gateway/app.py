@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from client.gateway.answers import Answers, ChatAnswers, CompletionAnswers, Run, finish_of, sse, usage_of
+from client.gateway.console import Timelines, console_routes
 from client.gateway.errors import ERROR_RESPONSES, ApiError, add_error_handlers
 from client.gateway.metrics import ApiMetrics, MetricsMiddleware
 from client.gateway.openai_schema import (
@@ -51,16 +52,19 @@ def create_app(gateway: Gateway, *, api_key: str | None = None, default_max_toke
         description="OpenAI-compatible API over a swarm-llm swarm: every transformer block runs on peers.")
     app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints={CHAT, COMPLETIONS, MODELS, HEALTH, METRICS})
     add_error_handlers(app, metrics)
-    app.include_router(_openai_routes(Generations(gateway, metrics, default_max_tokens), api_key))
+    key_check = None if api_key is None else _key_check(api_key)
+    timelines = Timelines()
+    app.include_router(_openai_routes(Generations(gateway, metrics, timelines, default_max_tokens), key_check))
     app.include_router(_operator_routes(gateway, metrics))
+    app.include_router(console_routes(gateway, timelines, key_check))
     return app
 
 
-def _openai_routes(generations: Generations, api_key: str | None) -> APIRouter:
+def _openai_routes(generations: Generations, key_check: Callable[..., Awaitable[None]] | None) -> APIRouter:
     """/v1: the chat and text completions and the model list, behind the API key if there is one."""
     gateway = generations.gateway
-    errors = {status: response for status, response in ERROR_RESPONSES.items() if api_key or status != 401}
-    v1 = APIRouter(dependencies=[Depends(_key_check(api_key))] if api_key else [], responses=errors)
+    errors = {status: response for status, response in ERROR_RESPONSES.items() if key_check or status != 401}
+    v1 = APIRouter(dependencies=[Depends(key_check)] if key_check else [], responses=errors)
 
     @v1.post(CHAT, response_model=ChatCompletion, responses=_streamed_as(ChatCompletionChunk),
              summary="Chat completion", description="The assistant's answer to `messages`, via the model's chat template.")
@@ -125,8 +129,9 @@ def _operator_routes(gateway: Gateway, metrics: ApiMetrics) -> APIRouter:
 class Generations:
     """Answers generation requests: starts each on its model's SwarmClient, then answers whole or streamed."""
 
-    def __init__(self, gateway: Gateway, metrics: ApiMetrics, default_max_tokens: int):
-        self.gateway, self.metrics, self.default_max_tokens = gateway, metrics, default_max_tokens
+    def __init__(self, gateway: Gateway, metrics: ApiMetrics, timelines: Timelines, default_max_tokens: int):
+        self.gateway, self.metrics, self.timelines = gateway, metrics, timelines
+        self.default_max_tokens = default_max_tokens
 
     def served(self, model: str) -> ServedModel:
         if model not in self.gateway.models:
@@ -145,6 +150,7 @@ class Generations:
                 temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed))
         except PromptError as e:
             raise ApiError(400, str(e), e.code, body.prompt_param) from None
+        self.timelines.keep(run.id, stream)
 
         async def done() -> None:
             """Close the stream, and so the session on the peers, whether it ended or not; count its tokens."""

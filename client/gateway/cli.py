@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 
-from client.settings import ENV_INITIAL_PEERS, initial_peers_from
+from client.commands import fail, required_initial_peers, swarm_errors_exit
+from client.settings import ENV_INITIAL_PEERS
 
 if TYPE_CHECKING:  # imported when serving: --help and argument errors stay fast
     from client.gateway.served import Gateway
@@ -45,30 +46,18 @@ def serve(
     log_level: LogLevel = typer.Option(LogLevel.info, help="Log level of the HTTP server (one line per request at info)."),
 ) -> None:
     """Join the swarm as a client and answer /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
-    peers = initial_peers_from(initial_peers)
-    if not peers:
-        err.print(f"[red]error:[/red] no swarm to serve: give --initial-peers MULTIADDR or set {ENV_INITIAL_PEERS}")
-        raise typer.Exit(2)
+    peers = required_initial_peers(initial_peers, "serve", err)
     logging.getLogger("hivemind").setLevel(os.environ.get("SWARM_LOG_LEVEL", "WARNING"))
-    from swarm.errors import ModelReferenceError, SwarmError
     from swarm.reference import DEFAULT_MODEL
 
     try:
         listener = _bind(host, port)  # before joining: a taken port fails at once, not after the swarm is joined
     except OSError as e:
-        err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {e.strerror or e}")
-        raise typer.Exit(1)
+        raise fail(err, f"cannot listen on {host}:{port}: {e.strerror or e}", 1) from None
     from client.gateway.served import Gateway
 
-    try:
-        with err.status("joining the swarm"):
-            gateway = Gateway.connect(peers, model or [DEFAULT_MODEL])
-    except ModelReferenceError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
-    except SwarmError as e:
-        err.print(f"[red]error:[/red] {' '.join(str(e).split())}")
-        raise typer.Exit(1)
+    with swarm_errors_exit(err), err.status("joining the swarm"):
+        gateway = Gateway.connect(peers, model or [DEFAULT_MODEL])
     try:
         _run(gateway, listener, api_key, default_max_tokens, log_level)
     except KeyboardInterrupt:

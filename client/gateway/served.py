@@ -26,8 +26,9 @@ class ServedModel:
 class Gateway:
     """Served models by id. Joining the swarm is blocking: call from a worker thread, never the event loop."""
 
-    def __init__(self, models: list[ServedModel], check_timeout: float = 5.0):
+    def __init__(self, models: list[ServedModel], initial_peers: list[str], check_timeout: float = 5.0):
         self.models = {m.id: m for m in models}
+        self.initial_peers = initial_peers  # how others join the same swarm (the console shows it)
         self.check_timeout = check_timeout
         self.started = int(time.time())
 
@@ -51,7 +52,7 @@ class Gateway:
             for done in served:
                 done.client.close()
             raise
-        return cls(served)
+        return cls(served, initial_peers)
 
     def check(self) -> HealthReport:
         """swarm-health's report on the served models (blocking). Raises SwarmError if the swarm does not answer."""

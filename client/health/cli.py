@@ -24,9 +24,9 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from client.commands import required_initial_peers
 from client.health.gather import gather, join
 from client.health.report import HealthReport, ModelReport, PeerReport
-from client.settings import ENV_INITIAL_PEERS, initial_peers_from
 from swarm.errors import SwarmError
 from swarm.records import PeerState
 
@@ -54,12 +54,12 @@ def render(report: HealthReport) -> RenderableType:
 
 def _peer_table(peers: list[PeerReport]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column in ("peer", "name", "blocks", "state", "steps/s", "cache", "version", "rtt"):
+    for column in ("peer", "name", "blocks", "state", "dtype", "steps/s", "cache", "version", "rtt"):
         table.add_column(column, no_wrap=True, justify="right" if column in ("steps/s", "cache", "rtt") else "left")
     styles = {PeerState.online: "green", PeerState.joining: "yellow", PeerState.offline: "red"}
     for p in peers:
         table.add_row(p.peer_id[-8:], p.public_name or "-", f"{p.start}:{p.end}", Text(p.state.value, styles[p.state]),
-                      f"{p.throughput:.1f}", str(p.cache_tokens_left), p.version,
+                      p.dtype, f"{p.throughput:.1f}", str(p.cache_tokens_left), p.version,
                       "-" if p.rtt_ms is None else f"{p.rtt_ms:.0f} ms")
     return table
 
@@ -130,10 +130,7 @@ def health(
     if json_schema:
         print(json.dumps(HealthReport.model_json_schema(), indent=2))
         return
-    peers = initial_peers_from(initial_peers)
-    if not peers:
-        print(f"error: no swarm to check: give --initial-peers MULTIADDR or set {ENV_INITIAL_PEERS}", file=sys.stderr)
-        raise typer.Exit(2)
+    peers = required_initial_peers(initial_peers, "check", Console(stderr=True, soft_wrap=True))
     logging.getLogger("hivemind").setLevel(os.environ.get("SWARM_LOG_LEVEL", "CRITICAL"))  # else it buries our error
     import uvloop
 

@@ -1,0 +1,3 @@
+from client.chat.cli import app
+
+app()
