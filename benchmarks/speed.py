@@ -83,9 +83,9 @@ def timed_generate(generate: Callable[..., torch.Tensor], ids: torch.Tensor, new
 
 
 class Baseline:
-    """transformers' own model on the same weights, in float32, in this process: the physical limit."""
+    """transformers' own model on the same weights, in this process: the physical limit (float32 on the CPU here)."""
 
-    def __init__(self, model):
+    def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging
 
@@ -93,15 +93,17 @@ class Baseline:
         logging.set_verbosity_error()
         if model.gguf_file is not None:
             file = model.gguf_file
-            self.model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(model.folder, dtype=torch.float32)
-        self.model.eval()
+            self.model = AutoModelForCausalLM.from_pretrained(model.folder, dtype=dtype)
+        self.model.to(device).eval()
+        self.device = device
         self.pad = model.tokenizer().pad_token_id or 0
 
     def generate(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         with torch.inference_mode():
-            return self.model.generate(ids, pad_token_id=self.pad, **kwargs)
+            return self.model.generate(ids.to(self.device), pad_token_id=self.pad, **kwargs).cpu()
 
 
 @dataclass

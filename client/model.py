@@ -48,14 +48,15 @@ class DistributedModelForCausalLM:
     def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
         """Inside the block, generate() continues this session: history is never resent."""
         with self.session(max_length) as session:
-            previous, self._local.active = self._active, session
+            previous, self._local.active = self.active_session, session
             try:
                 yield session
             finally:
                 self._local.active = previous
 
     @property
-    def _active(self) -> InferenceSession | None:
+    def active_session(self) -> InferenceSession | None:
+        """The session of the innermost inference_session() block of the calling thread, if any."""
         return getattr(self._local, "active", None)
 
     @contextlib.contextmanager
@@ -120,7 +121,7 @@ class DistributedModelForCausalLM:
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
-        session = session or self._active
+        session = session or self.active_session
         with contextlib.ExitStack() as stack:
             if session is None:
                 session = stack.enter_context(self.session(input_ids.shape[1] + max_new_tokens))

@@ -126,9 +126,10 @@ class TextStream:
         tokens = self.token_ids
         text, sent = "", 0
         with contextlib.ExitStack() as stack:  # closed at once when we are, which closes our own session
+            session = session or client.model.active_session  # the caller's, or an inference_session() block's
             if session is None:
                 session = stack.enter_context(client.model.session(input_ids.shape[1] + max_new_tokens))
-                self.timings = session.timings
+            self.timings = session.timings
             steps = stack.enter_context(contextlib.closing(client.model.iter_tokens(
                 input_ids, max_new_tokens=max_new_tokens, stop_strings=stop, tokenizer=tokenizer, session=session,
                 **sampling)))

@@ -31,9 +31,12 @@ def serve(
     port: Optional[int] = typer.Option(None, help="TCP port to listen on (default: any free port)."),
     announce_maddrs: Optional[list[str]] = typer.Option(None, help="Multiaddrs others should reach this peer at."),
     identity: Optional[Path] = typer.Option(None, help="Private key file: keeps the same peer id across restarts."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] (default: cpu)."),
-    max_cache_tokens: Optional[int] = typer.Option(None, help="KV cache budget in tokens, over all sessions (default: 32768)."),
+    dtype: Optional[str] = typer.Option(
+        None, help="float32, bfloat16 or float16 (default: float32 on a CPU, float16 on a GPU)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] (default: cpu); one peer per GPU."),
+    max_cache_tokens: Optional[int] = typer.Option(
+        None, help="KV cache budget in tokens, over all sessions (default: 32768 on a CPU; on a GPU, what its "
+                   "free memory leaves after the weights)."),
     public_name: Optional[str] = typer.Option(None, help="A name shown to others in swarm-health."),
     announce_period: Optional[float] = typer.Option(None, help="Seconds between announcements (default: 30)."),
     session_idle_timeout: Optional[float] = typer.Option(None, help="Close sessions idle this long, seconds (default: 600)."),
@@ -49,7 +52,7 @@ def serve(
     logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "INFO"), format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)])
     from peer.settings import load_settings
-    from swarm.errors import ModelReferenceError, SwarmError
+    from swarm.errors import DeviceError, ModelReferenceError, SwarmError
 
     flags = {name: value for name, value in context.params.items() if name != "config"}  # each names a setting
     try:
@@ -67,7 +70,7 @@ def serve(
 
     try:
         uvloop.run(Peer(settings).run())
-    except ModelReferenceError as e:  # the model names nothing we can serve: a bad argument
+    except (ModelReferenceError, DeviceError) as e:  # a model or device we cannot serve with: a bad argument
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     except SwarmError as e:

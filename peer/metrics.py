@@ -10,7 +10,6 @@ import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from peer.sessions import SessionRegistry
 
 logger = logging.getLogger(__name__)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -19,9 +18,9 @@ MAX_REQUEST_BYTES = 8192  # a scrape is one short GET
 
 
 class PeerMetrics:
-    """One registry per peer; the gauges read the session registry at scrape time."""
+    """One registry per peer; the session registry keeps the session and cache gauges current."""
 
-    def __init__(self, sessions: SessionRegistry):
+    def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.steps = Counter("swarm_peer_steps", "Steps and forward calls computed (chunks of a long one count apart)",
                              registry=registry)
@@ -32,11 +31,9 @@ class PeerMetrics:
         self.step_seconds = Histogram("swarm_peer_step_duration_seconds",
                                       "Seconds from a step's arrival to its output (waiting and computing)",
                                       buckets=LATENCY_BUCKETS, registry=registry)
-        Gauge("swarm_peer_open_sessions", "Inference sessions open on this peer",
-              registry=registry).set_function(lambda: len(sessions.sessions))
-        cache = Gauge("swarm_peer_cache_tokens", "KV cache budget in tokens, used or left", ["state"], registry=registry)
-        cache.labels("used").set_function(lambda: sessions.tokens_used)
-        cache.labels("left").set_function(lambda: sessions.tokens_left)
+        self.open_sessions = Gauge("swarm_peer_open_sessions", "Inference sessions open on this peer", registry=registry)
+        self.cache_tokens = Gauge("swarm_peer_cache_tokens", "KV cache budget in tokens, used or left", ["state"],
+                                  registry=registry)
         self.bytes = Counter("swarm_peer_bytes", "Bytes of RPC messages received (in) and sent (out)", ["direction"],
                              registry=registry)
         self.pushes = Counter("swarm_peer_pushes", "Pushes sent to next hops and received from previous ones, "

@@ -25,8 +25,8 @@ from peer.scheduler import StepScheduler
 from peer.sessions import Session, SessionRefused, SessionRegistry
 from swarm import protocol
 from swarm.errors import ProtocolError
-from swarm.protocol import ErrorReply, Leaving, OpenSession, Opened, PushReply, Step, StepResult
 from swarm.kv_cache import KVCache
+from swarm.protocol import ErrorReply, Leaving, Opened, OpenSession, PushReply, Step, StepResult
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class PeerService:
                 raise ProtocolError(f"expected a forward request, got {message.type!r}")
             part = self.span.subspan(message.start, message.end)
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size)
-            cache = part.new_cache(*hidden.shape[:2])
+            cache = await self.scheduler.on_device(part.new_cache, *hidden.shape[:2])
             try:
                 output = await self._compute(part, hidden, cache, mask)
             finally:
@@ -136,7 +136,7 @@ class PeerService:
                         continue
                     message, tensors = self._received(event)
                     if session is None:
-                        session = self._open(message, str(context.remote_id))
+                        session = await self._open(message, str(context.remote_id))
                         yield self._reply(Opened(session_id=session.session_id, cache_tokens_left=self.sessions.tokens_left))
                     elif (reply := await self._step(session, message, tensors)) is not None:
                         yield reply
@@ -155,13 +155,14 @@ class PeerService:
                 self.scheduler.forget(session.cache)
                 logger.info(f"session {session.session_id} closed after {session.steps} steps")
 
-    def _open(self, message: protocol.RequestMessage, remote: str) -> Session:
+    async def _open(self, message: protocol.RequestMessage, remote: str) -> Session:
         if not isinstance(message, OpenSession):
             raise ProtocolError(f"the first message of a session must open it, got {message.type!r}")
         part = self.span.subspan(message.start, message.end)
         self.sessions.reserve(message.session_id, message.batch_size, message.max_length)
-        session = Session(message.session_id, part, part.new_cache(message.batch_size, message.max_length))
-        self.sessions.add(session)
+        cache = await self.scheduler.on_device(part.new_cache, message.batch_size, message.max_length)
+        session = Session(message.session_id, part, cache)
+        self.sessions.add(session)  # checks the budget again: another session may have opened meanwhile
         logger.info(f"session {message.session_id} opened by {remote[-8:]}: blocks {message.start}:{message.end}, "
                     f"{message.batch_size}x{message.max_length} tokens")
         return session

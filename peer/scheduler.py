@@ -23,6 +23,7 @@ import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ from swarm.kv_cache import KVCache
 from swarm.span import Span
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # Steps that left one place together (one LM head product, one batched push) reach this peer within a
@@ -76,9 +78,9 @@ class _Job:
 
 class StepScheduler:
     def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int, max_wait: float,
-                 metrics: PeerMetrics):
+                 metrics: PeerMetrics, device: torch.device = torch.device("cpu")):
         self.compute, self.max_rows, self.max_tokens, self.max_wait = compute, max_rows, max_tokens, max_wait
-        self.metrics = metrics
+        self.metrics, self.device = metrics, device  # the compute thread owns the device
         self.waiting: list[_Job] = []
         self.passes = self.batched_steps = 0  # what the batches looked like, reported by swarm.info
         self._arrivals = itertools.count()
@@ -101,6 +103,13 @@ class StepScheduler:
         self.metrics.queued.set(len(self.waiting))
         self._wake.set()
         return await future
+
+    async def on_device(self, work: Callable[..., T], *args: Any) -> T:
+        """Other work that touches a GPU (allocating a session's cache), on the compute thread that owns it;
+        on a CPU it is plain memory and runs here, so opening a session never waits for a pass."""
+        if self.device.type == "cpu":
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.compute, work, *args)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()

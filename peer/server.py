@@ -7,11 +7,12 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import torch
 from rich.progress import Progress
 
 from peer.announcer import Announcer
+from peer.device import check_device, default_dtype, free_memory
+from peer.memory import Footprint, MemoryPlan, plan_memory
 from peer.metrics import PeerMetrics, serve_metrics
 from peer.placement import Coverage, best_start, should_move
 from peer.push import Pusher
@@ -42,8 +43,9 @@ class Peer:
         self.compute = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
-        self.sessions = SessionRegistry(settings.max_cache_tokens)
-        self.metrics = PeerMetrics(self.sessions)
+        self.device = check_device(settings.device)
+        self.dtype = settings.dtype or default_dtype(self.device)
+        self.metrics = PeerMetrics()
         self.stopping = asyncio.Event()
         self._stop_loading = threading.Event()  # the same signal, for the compute thread while it loads blocks
 
@@ -83,10 +85,12 @@ class Peer:
             print(f"listening on {maddr}", flush=True)
         start, end = settings.span or await self._choose_span(model, dht)
         check_span(model, start, end)
-        announcer = Announcer(dht, model, self.sessions, start, end, settings.dtype, settings.public_name,
-                              settings.announce_period)
+        memory = self._plan_memory(model, blocks=end - start)
+        sessions = SessionRegistry(memory.cache_tokens, self.metrics)
+        announcer = Announcer(dht, model, sessions, start, end, self.dtype, settings.public_name, settings.announce_period)
         await announcer.announce(PeerState.joining)
-        logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix})")
+        logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix}) on {self.device} in {self.dtype}, "
+                    f"KV cache {memory.cache_tokens} tokens")
 
         try:
             span = await self._load(model, start, end)
@@ -98,10 +102,9 @@ class Peer:
             await _announce_offline(announcer)
             return
         scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait,
-                                  self.metrics)
+                                  self.metrics, self.device)
         pusher = Pusher(dht.p2p, self.metrics)
-        service = PeerService(span, self.sessions, scheduler, pusher, announcer, self.metrics,
-                              settings.session_idle_timeout)
+        service = PeerService(span, sessions, scheduler, pusher, announcer, self.metrics, settings.session_idle_timeout)
         await service.register(dht.p2p)
         await announcer.announce(PeerState.online, throughput)
         tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service))]
@@ -110,7 +113,7 @@ class Peer:
 
         await self.stopping.wait()
         logger.info("shutting down: announcing offline and draining open sessions")
-        self.sessions.accepting = False
+        sessions.accepting = False
         for task in tasks:
             task.cancel()
         await _announce_offline(announcer)
@@ -133,8 +136,12 @@ class Peer:
         self.stopping.set()
         self._stop_loading.set()
 
+    def _plan_memory(self, model: ResolvedModel, blocks: int | None = None) -> MemoryPlan:
+        return plan_memory(Footprint.of(model, self.dtype), free_memory(self.device), self.device.type, model.num_blocks,
+                           blocks, self.settings.max_cache_tokens)
+
     async def _choose_span(self, model: ResolvedModel, dht: SwarmDHT) -> tuple[int, int]:
-        length = self.settings.num_blocks or blocks_that_fit(model, self.settings)
+        length = self.settings.num_blocks or self._plan_memory(model).blocks
         blocks = await dht.read_blocks(model.dht_prefix, model.num_blocks)
         start = best_start(Coverage.from_records(blocks, exclude=str(dht.peer_id)), length)
         return start, min(start + length, model.num_blocks)
@@ -151,7 +158,7 @@ class Peer:
 
             return await asyncio.get_running_loop().run_in_executor(
                 self.compute,
-                lambda: Span(model, start, end, self.settings.dtype, self.settings.device, on_block_loaded=loaded),
+                lambda: Span(model, start, end, self.dtype, str(self.device), on_block_loaded=loaded),
             )
 
     async def _watch_swarm(self, model: ResolvedModel, dht: SwarmDHT, service: PeerService) -> None:
@@ -168,7 +175,7 @@ class Peer:
                             f"blocks served by nobody else: {[i for i, n in enumerate(coverage.peers) if n == 0]}")
                 old_start, old_end = announcer.start, announcer.end
                 new_start = should_move(coverage, old_start, old_end) if self.settings.span is None else None
-                if new_start is None or self.sessions.sessions:
+                if new_start is None or service.sessions.sessions:
                     continue
                 new_end = new_start + (old_end - old_start)
                 logger.info(f"moving from blocks {old_start}:{old_end} to {new_start}:{new_end} to fill a gap")
@@ -184,18 +191,3 @@ async def _announce_offline(announcer: Announcer) -> None:
     except Exception as e:
         logger.warning(f"could not announce offline: {e!r}")
 
-
-def blocks_that_fit(model: ResolvedModel, settings: PeerSettings) -> int:
-    """As many blocks as half of the free memory holds, after the cache budget."""
-    with torch.device("meta"):
-        layer = family_of(model.config).decoder_layer(model.config, layer_idx=0)
-    itemsize = torch.finfo(getattr(torch, settings.dtype)).bits // 8
-    block_bytes = sum(p.numel() for p in layer.parameters()) * itemsize
-    kv_bytes_per_block = 2 * model.config.num_key_value_heads * (
-        getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    ) * itemsize * settings.max_cache_tokens
-    budget = psutil.virtual_memory().available // 2
-    fit = budget // (block_bytes + kv_bytes_per_block)
-    if fit < 1:
-        raise SwarmError(f"not enough memory for one block of {model.name} ({block_bytes >> 20} MiB + cache)")
-    return int(min(fit, model.num_blocks))

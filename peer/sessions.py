@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from peer.metrics import PeerMetrics
 from swarm.kv_cache import KVCache
 from swarm.errors import SwarmError
 from swarm.protocol import ErrorCode
@@ -30,10 +31,16 @@ class Session:
 
 
 class SessionRegistry:
-    def __init__(self, max_cache_tokens: int):
-        self.max_cache_tokens = max_cache_tokens
+    def __init__(self, max_cache_tokens: int, metrics: PeerMetrics):
+        self.max_cache_tokens, self.metrics = max_cache_tokens, metrics
         self.sessions: dict[str, Session] = {}
         self.accepting = True
+        self._counted()
+
+    def _counted(self) -> None:
+        self.metrics.open_sessions.set(len(self.sessions))
+        self.metrics.cache_tokens.labels("used").set(self.tokens_used)
+        self.metrics.cache_tokens.labels("left").set(self.tokens_left)
 
     @property
     def tokens_used(self) -> int:
@@ -58,6 +65,8 @@ class SessionRegistry:
     def add(self, session: Session) -> None:
         self.reserve(session.session_id, session.cache.batch_size, session.cache.max_length)
         self.sessions[session.session_id] = session
+        self._counted()
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
+        self._counted()

@@ -28,9 +28,9 @@ class PeerSettings(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     announce_maddrs: list[str] = []
     identity: Path | None = None
-    dtype: DTypeName = "float32"
+    dtype: DTypeName | None = Field(default=None, description="default: float32 on a CPU, float16 on a GPU")
     device: str = "cpu"
-    max_cache_tokens: int = Field(default=32_768, gt=0)
+    max_cache_tokens: int | None = Field(default=None, gt=0, description="default: 32768 on a CPU, what a GPU leaves")
     public_name: str | None = Field(default=None, max_length=64)
     announce_period: float = Field(default=30.0, gt=0, description="seconds between re-announcements")
     session_idle_timeout: float = Field(default=600.0, gt=0)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 from filelock import FileLock
 
+from peer.device import hardware, synchronize
 from swarm.gguf_shards import data_dir
 from swarm.span import Span
 
@@ -31,29 +30,15 @@ def measure_throughput(span: Span) -> float:
     return value
 
 
-def hardware(device: torch.device) -> str:
-    """What the figure depends on besides the settings: the processor and torch's kernels.
-
-    Part of the cache key, so a machine that moved to another CPU or GPU, or a torch upgrade, measures
-    again instead of announcing a stale figure.
-    """
-    if device.type == "cuda":
-        processor = torch.cuda.get_device_name(device)
-    else:
-        cpuinfo = Path("/proc/cpuinfo")
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")] if cpuinfo.is_file() else []
-        processor = names[0] if names else platform.processor() or platform.machine()
-    return f"{processor}:torch {torch.__version__}"
-
-
 def _measure(span: Span) -> float:
     cache = span.new_cache(1, WARMUP_STEPS + MEASURED_STEPS)
     hidden = torch.randn(1, 1, span.config.hidden_size)
     for _ in range(WARMUP_STEPS):
         span.forward(hidden, cache)
+    synchronize(span.device)  # a GPU may still be running the warm-up: launches return before kernels end
     started = time.perf_counter()
     for _ in range(MEASURED_STEPS):
-        span.forward(hidden, cache)
+        span.forward(hidden, cache)  # its output is copied to the host, which waits for the device
+    synchronize(span.device)
     seconds_per_block = (time.perf_counter() - started) / MEASURED_STEPS / span.num_blocks
     return round(1.0 / seconds_per_block, 2)

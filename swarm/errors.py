@@ -21,5 +21,9 @@ class ProtocolError(SwarmError):
     """A message broke the wire protocol; sent back to the caller as an error reply."""
 
 
+class DeviceError(SwarmError):
+    """The device asked for does not exist here, or cannot hold what was asked of it."""
+
+
 class RouteError(SwarmError):
     """The swarm cannot serve some blocks of a model."""

@@ -168,15 +168,17 @@ _RESPONSE: TypeAdapter[ResponseMessage] = TypeAdapter(Annotated[ResponseMessage,
 
 
 def pack_request(message: _Message, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
-    return runtime_pb2.ExpertRequest(
-        metadata=message.model_dump_json().encode(), tensors=[serialize_torch_tensor(t) for t in tensors]
-    )
+    return runtime_pb2.ExpertRequest(metadata=message.model_dump_json().encode(), tensors=[_serialized(t) for t in tensors])
 
 
 def pack_response(message: _Message, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
-    return runtime_pb2.ExpertResponse(
-        metadata=message.model_dump_json().encode(), tensors=[serialize_torch_tensor(t) for t in tensors]
-    )
+    return runtime_pb2.ExpertResponse(metadata=message.model_dump_json().encode(), tensors=[_serialized(t) for t in tensors])
+
+
+def _serialized(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    if tensor.device.type != "cpu":  # a span copies its outputs to the host: anything else is our bug
+        raise ProtocolError(f"a tensor on {tensor.device} cannot be sent: tensors cross the network from the host")
+    return serialize_torch_tensor(tensor)
 
 
 def unpack_request(proto: runtime_pb2.ExpertRequest) -> tuple[RequestMessage, list[torch.Tensor]]:

@@ -101,17 +101,16 @@ class Span:
         for hidden, cache, _ in steps:
             self.check(hidden, cache)
         segments, positions, real_counts = [], [], []
-        for hidden, cache, attention_mask in steps:
+        for (hidden, cache, _), real in zip(steps, self._real_positions(steps)):
             rows, length, _ = hidden.shape
-            real = torch.ones(rows, length, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            real = real.to(self.device)
             start, end = cache.length, cache.length + length
             cache.valid[:, start:end] = real
             real_counts.append(real.sum(-1))
             positions.append((cache.seen[:, None] + real.long().cumsum(-1) - 1).masked_fill(~real, 1).flatten())
             masks = {window: self._mask(cache, start, end, window) for window in set(self.windows)}
             segments.append(Segment(cache, rows, length, masks))
-        flat = torch.cat([h.to(device=self.device, dtype=self.dtype).flatten(0, 1) for h, _, _ in steps])[None]
+        # the hidden states cross to the device once per pass, and the outputs come back once
+        flat = torch.cat([h.flatten(0, 1) for h, _, _ in steps]).to(device=self.device, dtype=self.dtype)[None]
         position_ids = torch.cat(positions)[None]
         if self.family.per_layer_rope:
             by_type = {kind: self.rotary(flat, position_ids, kind) for kind in set(self.layer_types)}
@@ -126,13 +125,24 @@ class Span:
                 segments=segments,
                 window=window,
             )
+        on_host = flat[0].to("cpu")  # the network takes host tensors; copying waits for the pass to finish
         outputs, offset = [], 0
         for segment, real in zip(segments, real_counts):
-            outputs.append(flat[0, offset : offset + segment.tokens].unflatten(0, (segment.rows, segment.length)))
+            outputs.append(on_host[offset : offset + segment.tokens].unflatten(0, (segment.rows, segment.length)))
             offset += segment.tokens
             segment.cache.length += segment.length
             segment.cache.seen += real
         return outputs
+
+    def _real_positions(self, steps: list[tuple[torch.Tensor, KVCache, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """Per step, [rows, new] booleans on the device: which new positions are real tokens, not padding.
+
+        The masks that exist cross to the device in one copy; steps without one are all real.
+        """
+        given = [mask.bool().flatten() for _, _, mask in steps if mask is not None]
+        moved = iter(torch.cat(given).to(self.device).split([m.numel() for m in given])) if given else iter(())
+        return [torch.ones(hidden.shape[:2], dtype=torch.bool, device=self.device) if mask is None
+                else next(moved).view(hidden.shape[:2]) for hidden, _, mask in steps]
 
     @staticmethod
     def _mask(cache: KVCache, start: int, end: int, window: int | None) -> torch.Tensor | None:

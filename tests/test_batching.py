@@ -14,7 +14,6 @@ import torch
 
 from peer.metrics import PeerMetrics
 from peer.scheduler import StepScheduler
-from peer.sessions import SessionRegistry
 from swarm.reference import resolve_model
 from swarm.span import Span
 from tiny_models import FAMILIES
@@ -36,7 +35,7 @@ def sessions(span: Span, batch_sizes: list[int], seed: int = 0):
 
 
 def new_scheduler(max_rows: int, max_tokens: int, max_wait: float) -> StepScheduler:
-    return StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows, max_tokens, max_wait, PeerMetrics(SessionRegistry(1)))
+    return StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows, max_tokens, max_wait, PeerMetrics())
 
 
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:

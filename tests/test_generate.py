@@ -132,6 +132,9 @@ def test_text_api(swarm_model, tmp_path_factory):
     assert "Paris" in text
     stopped = client.generate("The capital of France is", max_new_tokens=20, stop=["."])
     assert "." not in stopped and len(stopped) > 0
+    with swarm_model.inference_session(max_length=256) as session:  # text generation continues the open session
+        assert "".join(client.generate(messages=messages, max_new_tokens=20, stream=True)) == text
+        assert session.steps > 1 and session.route
 
 
 class FirstTokens:

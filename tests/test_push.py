@@ -11,7 +11,6 @@ import torch
 
 from peer.metrics import PeerMetrics
 from peer.push import Pusher
-from peer.sessions import SessionRegistry
 from swarm import protocol
 
 PEER_A, PEER_B = "12D3KooWA" + "a" * 44, "12D3KooWB" + "b" * 44
@@ -38,7 +37,7 @@ def _target(peer: str, session: str) -> list[protocol.NextHop]:
 def test_pushes_of_one_pass_share_one_call_per_next_peer():
     async def scenario():
         peers = _Peers()
-        pusher = Pusher(peers, PeerMetrics(SessionRegistry(1)))
+        pusher = Pusher(peers, PeerMetrics())
         small = torch.randn(1, 1, 16)
         futures = [
             pusher.push(_target(PEER_A, "s1"), small, None),

@@ -17,7 +17,8 @@ def test_precedence(tmp_path, monkeypatch):
     assert settings.public_name == "from-env"  # env beats file
     assert settings.max_cache_tokens == 300  # flag beats env
     assert settings.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/127.0.0.1/tcp/2/p2p/B"]
-    assert settings.model == "smollm2-135m" and settings.dtype == "float32"  # defaults
+    assert settings.model == "smollm2-135m" and settings.device == "cpu"  # defaults
+    assert settings.dtype is None  # chosen by the device (peer/device.py)
 
 
 @pytest.mark.parametrize(
