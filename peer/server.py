@@ -73,7 +73,7 @@ class Peer:
         finally:
             if exporter is not None:
                 exporter.close()
-            try:  # bounded: on Ctrl-C the terminal signals p2pd too, and a dead daemon never answers
+            try:  # bounded: a daemon killed from outside never answers
                 await asyncio.wait_for(dht.shutdown(), timeout=5)
             except Exception as e:
                 logger.warning(f"p2p daemon did not shut down cleanly: {e!r}")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
@@ -14,6 +16,7 @@ from hivemind.utils import get_dht_time
 
 from swarm import protocol
 from swarm.errors import SwarmError
+from swarm.lifetime import die_with_parent
 from swarm.records import (
     REGISTRY_KEY,
     BlockAnnouncement,
@@ -53,18 +56,19 @@ class SwarmDHT:
         client_mode: bool = False,
     ) -> "SwarmDHT":
         try:
-            p2p = await P2P.create(
-                initial_peers=initial_peers or None,
-                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                announce_maddrs=announce_maddrs or None,
-                identity_path=identity_path,
-                use_relay=False,
-                use_auto_relay=False,
-                auto_nat=False,
-                nat_port_map=False,
-                dht_mode="client" if client_mode else "server",
-                startup_timeout=30,
-            )
+            with _daemon_in_its_own_session():
+                p2p = await P2P.create(
+                    initial_peers=initial_peers or None,
+                    host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                    announce_maddrs=announce_maddrs or None,
+                    identity_path=identity_path,
+                    use_relay=False,
+                    use_auto_relay=False,
+                    auto_nat=False,
+                    nat_port_map=False,
+                    dht_mode="client" if client_mode else "server",
+                    startup_timeout=30,
+                )
         except Exception as e:
             raise SwarmError(f"cannot start the p2p daemon or reach {', '.join(initial_peers) or 'the swarm'}: {e}") from None
         signer = RSASignatureValidator()
@@ -155,6 +159,34 @@ class SwarmDHT:
     async def shutdown(self) -> None:
         await self.node.shutdown()
         await self.p2p.shutdown()
+
+
+_SPAWN = asyncio.subprocess.create_subprocess_exec
+_creating = 0  # P2P.create calls in progress: the wrapped spawn stays until the last one is done
+
+
+@contextlib.contextmanager
+def _daemon_in_its_own_session() -> Iterator[None]:
+    """Start hivemind's p2pd in a session of its own, tied to our life (swarm/lifetime.py).
+
+    A signal to our whole process group (a terminal's Ctrl-C, a supervisor stopping a group) then
+    reaches us alone: we still need the daemon to announce `offline`, tell open sessions we leave,
+    and drain, and we stop it ourselves. hivemind offers no option for how its daemon is spawned,
+    so the spawn is wrapped while P2P.create runs (only our own event loop spawns meanwhile).
+    """
+    global _creating
+    _creating += 1
+    asyncio.subprocess.create_subprocess_exec = _spawn_in_own_session
+    try:
+        yield
+    finally:
+        _creating -= 1
+        if _creating == 0:
+            asyncio.subprocess.create_subprocess_exec = _SPAWN
+
+
+async def _spawn_in_own_session(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+    return await _SPAWN(*args, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
 
 
 def _parse(value: object, kind: type):

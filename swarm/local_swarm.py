@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarm.lifetime import die_with_parent
+
 
 class PeerStartError(RuntimeError):
     pass
@@ -50,8 +52,10 @@ def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = No
     """Run `swarm-serve ARGS` without waiting for it: its stdout lines arrive in `lines`, its stderr goes to LOG_DIR/NAME.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # its own session: a group signal meant for us is not its stop
         [sys.executable, "-m", "peer.cli", *args],
+        start_new_session=True,
+        preexec_fn=die_with_parent,
         stdout=subprocess.PIPE,
         stderr=open(log, "w"),
         text=True,

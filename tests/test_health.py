@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,27 @@ def test_unreachable_swarm_exits_2_with_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_PEER in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_a_sole_peer_that_does_not_answer_is_a_gap(schema: dict, tmp_path: Path) -> None:
+    """gamma killed without a goodbye (SIGKILL): its record says online until it expires, and the two
+    other DHT nodes still hold it, but nothing answers for blocks 15-29, so they are a gap."""
+    with LocalSwarm(tmp_path) as local:
+        alpha = local.add(["--blocks", "0:15", "--public-name", "alpha", "--announce-period", "2"], "alpha")
+        beta = local.add(["--blocks", "0:15", "--public-name", "beta", "--announce-period", "2"], "beta")
+        gamma = local.add(["--blocks", "15:30", "--public-name", "gamma", "--announce-period", "20"], "gamma")
+        assert check_json(local, schema)[0] == 0  # covered while gamma lives
+        gamma.signal(signal.SIGKILL)
+        gamma.process.wait(10)
+        code, document = check_json(local, schema)  # well within the record's 60 s of life
+        assert code == 1 and not document["healthy"], document
+        [model] = document["models"]
+        assert not model["covered"] and model["uncovered"] == list(range(15, 30))
+        assert model["blocks"][:15] == [sorted([alpha.peer_id, beta.peer_id])] * 15
+        [dead] = [p for p in document["peers"] if p["peer_id"] == gamma.peer_id]
+        assert dead["state"] == "online" and dead["rtt_ms"] is None
+        assert document["problems"][0] == f"{GAP} that answers (announced by {gamma.peer_id[-8:]}, which did not answer)"
+        assert f"peer {gamma.peer_id[-8:]} (gamma) is unreachable" in document["problems"]
 
 
 def test_peer_leaving_uncovers_its_blocks(swarm: LocalSwarm, schema: dict) -> None:

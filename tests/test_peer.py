@@ -264,6 +264,33 @@ def test_sigterm_goes_offline_and_sigkill_expires(swarm, dht, tmp_path):
     wait_for(lambda: peer_id not in records(), 20, "record of a killed peer did not expire")
 
 
+def test_a_group_sigterm_stops_the_peer_gracefully(swarm, dht, tmp_path):
+    """kill -TERM -- -PGID, as supervisors and a terminal's Ctrl-C do: the p2p daemon is not in the group,
+    so the peer still says offline (seen within 2 s), tells its sessions, drains and exits 0, quietly."""
+    args = ["--initial-peers", swarm.initial_peers[0], "--blocks", "7:9", "--announce-period", "2"]
+    peer = start_peer(args, tmp_path, "group")
+    try:
+        records = lambda: loop.run(dht.read_blocks(MODEL.dht_prefix, MODEL.num_blocks))[7]
+        wait_for(lambda: peer.peer_id in records(), 10, "new peer never announced")
+        stream = RawStream(dht, peer.peer_id)
+        opened, _ = stream.send(protocol.pack_request(
+            OpenSession(session_id="group", start=7, end=9, max_length=8, batch_size=1)))
+        assert isinstance(opened, Opened)
+        os.killpg(os.getpgid(peer.process.pid), signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_for(lambda: records()[peer.peer_id].announcement.state == PeerState.offline, 2,
+                 "offline not seen within 2 s")
+        reply, _ = stream.receive(timeout=20)
+        assert isinstance(reply, protocol.Leaving)
+        assert peer.process.wait(30) == 0
+        assert time.monotonic() - signalled < 10
+    finally:
+        peer.stop()
+    output = peer.log.read_text()
+    assert "Traceback" not in output and "RuntimeError" not in output, output[-3000:]
+    assert "could not announce offline" not in output and "did not shut down cleanly" not in output, output[-3000:]
+
+
 def test_num_blocks_placement_covers_the_model(tmp_path):
     with LocalSwarm(tmp_path, ["--announce-period", "2"]) as local:
         spans = []

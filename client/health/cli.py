@@ -48,7 +48,7 @@ def render(report: HealthReport) -> RenderableType:
         parts.append(Text("problems:", "bold red"))
         parts += [Text(f"  - {problem}") for problem in report.problems]
     else:
-        parts.append(Text("no problems: every block is served by an online peer", "green"))
+        parts.append(Text("no problems: every block is served by an online peer that answers", "green"))
     return Group(*parts)
 
 

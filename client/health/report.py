@@ -43,9 +43,9 @@ class ModelReport(_Out):
     dht_prefix: str
     num_blocks: int
     announced: bool = Field(description="false when named with --model but absent from the swarm's registry")
-    covered: bool = Field(description="every block has at least one online peer")
-    blocks: list[list[str]] = Field(description="per block, the ids of the online peers serving it")
-    uncovered: list[int] = Field(description="blocks no online peer serves")
+    covered: bool = Field(description="every block has at least one online peer that answers")
+    blocks: list[list[str]] = Field(description="per block, the ids of the online peers serving it that answered")
+    uncovered: list[int] = Field(description="blocks no online peer that answers serves")
 
 
 class HealthReport(_Out):
@@ -76,22 +76,26 @@ def build_report(
 ) -> HealthReport:
     """Judge the swarm from what the DHT said (`tables`: dht prefix -> per block records) and ping times.
 
-    Coverage counts records that say online, reachable from here or not: a peer we cannot ping may
-    still serve clients elsewhere, so unreachability is a problem to show, not a gap. `unknown` holds
-    models the user named that neither the swarm nor this machine knows.
+    A block counts as covered only by peers whose record says online and that answered our ping: a
+    record alone is a claim (a killed peer's stays until it expires), so a block whose only peer does
+    not answer is a gap, named with the peers that did not answer. `unknown` holds models the user
+    named that neither the swarm nor this machine knows.
     """
     models, peers = [], []
     gaps = [f"model {ref} is not announced in this swarm" for ref in unknown]
     for target in targets:
         table = tables.get(target.dht_prefix) or [{} for _ in range(target.num_blocks)]
-        online = [sorted(p for p, r in block.items() if r.announcement.state == PeerState.online) for block in table]
-        missing = [i for i, block in enumerate(online) if not block]
+        online = [{p for p, r in block.items() if r.announcement.state == PeerState.online} for block in table]
+        serving = [sorted(p for p in block if rtts.get(p) is not None) for block in online]
+        missing = [i for i, block in enumerate(serving) if not block]
         models.append(ModelReport(name=target.name, dht_prefix=target.dht_prefix, num_blocks=target.num_blocks,
-                                  announced=target.announced, covered=not missing, blocks=online, uncovered=missing))
+                                  announced=target.announced, covered=not missing, blocks=serving, uncovered=missing))
         if missing:
             what = f"block {missing[0]} of {target.name} is" if len(missing) == 1 else \
                 f"blocks {format_ranges(missing)} of {target.name} are"
-            gaps.append(f"{what} served by nobody")
+            silent = sorted({p[-8:] for i in missing for p in online[i]})
+            gaps.append(f"{what} served by nobody" + (f" that answers (announced by {', '.join(silent)}, "
+                                                        "which did not answer)" if silent else ""))
         newest: dict[str, PeerRecord] = {}  # a peer that moved has old blocks marked offline: keep its latest word
         for block in table:
             for peer_id, record in block.items():
