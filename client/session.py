@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field
 
 from client.route import Hop, build_route
 from client.settings import ClientSettings
@@ -149,26 +150,29 @@ class HopStream:
             pass  # the peer may be gone already: nothing to free then
 
 
-@dataclass(frozen=True)
-class HopTiming:
-    """One hop of one step as the client saw it: from the previous hop's output (or the step's start) to this one's."""
+class HopTiming(BaseModel):
+    """One hop of one step as the client saw it: from the previous hop's output (or the step's start) to this one's.
+
+    A pydantic model because the gateway serves timelines as they are (client/gateway/console.py).
+    """
+
+    model_config = ConfigDict(frozen=True)
 
     peer_id: str
     start: int
     end: int
-    began_ms: float  # since the step started
-    ms: float
-    by_push: bool  # the previous hop's peer handed this hop its input
+    began_ms: float = Field(description="since the step started, as the client saw it")
+    ms: float = Field(description="from the previous hop's output (or the step's start) to this hop's")
+    by_push: bool = Field(description="the previous hop's peer pushed this hop its input")
 
 
-@dataclass
-class StepTiming:
+class StepTiming(BaseModel):
     """One step through the route: its number, new positions, the trace id every hop logs, and its hops."""
 
     step: int
-    positions: int
-    trace_id: str
-    hops: list[HopTiming] = field(default_factory=list)
+    positions: int = Field(description="new positions: the prompt's length for a prefill, 1 for a decode step")
+    trace_id: str = Field(description="the id every hop logs for this step")
+    hops: list[HopTiming] = []
 
 
 @dataclass
@@ -254,7 +258,7 @@ class InferenceSession:
     ) -> torch.Tensor:
         index, retries = 0, 0
         pushed_to: HopStream | None = None  # the stream the previous hop's peer handed this input to
-        timing = StepTiming(self.steps, hidden.shape[1], uuid.uuid4().hex[:16])
+        timing = StepTiming(step=self.steps, positions=hidden.shape[1], trace_id=uuid.uuid4().hex[:16])
         started = previous = time.perf_counter()
         while index < len(self.streams):
             stream = self.streams[index]
@@ -278,9 +282,9 @@ class InferenceSession:
             # kept only once the hop took it: a failover replays exactly what the failed peer holds
             self.history.setdefault(stream.hop.start, []).append((hidden, mask))
             now = time.perf_counter()
-            timing.hops.append(HopTiming(stream.hop.peer_id, stream.hop.start, stream.hop.end,
-                                         round((previous - started) * 1000, 2), round((now - previous) * 1000, 2),
-                                         by_push=stream is pushed_to))
+            timing.hops.append(HopTiming(peer_id=stream.hop.peer_id, start=stream.hop.start, end=stream.hop.end,
+                                         began_ms=round((previous - started) * 1000, 2),
+                                         ms=round((now - previous) * 1000, 2), by_push=stream is pushed_to))
             previous = now
             pushed_to = later[0] if pushed else None
             hidden, index = output, index + 1

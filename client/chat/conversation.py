@@ -24,7 +24,6 @@ class Conversation:
         self.messages: list[dict[str, str]] = []
         self.held: list[int] = []  # the token ids the session holds, in order
         self.sent_last = 0  # tokens the last turn sent
-        self.resent = 0  # turns that had to send the history again
         self._prompt_ids: list[int] = []  # the last turn's whole prompt
         self._sessions = contextlib.ExitStack()
         self.session = self._new_session()
@@ -46,7 +45,6 @@ class Conversation:
         if ids[: len(self.held)] != self.held:
             logger.info("the chat template rendered the history differently: sending it again")
             self.session = self._new_session()
-            self.resent += 1
         self.sent_last = len(ids) - len(self.held)
         self.messages.append({"role": "user", "content": question})
         self._prompt_ids = ids

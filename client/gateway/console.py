@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from client.gateway.errors import ApiError
 from client.gateway.served import Gateway
+from client.session import StepTiming
 from client.text import TextStream
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -31,25 +32,9 @@ class ConsoleInfo(BaseModel):
     join: dict[str, str] = Field(description="per model, the swarm-serve command that joins this swarm to serve it")
 
 
-class TimelineHop(BaseModel):
-    peer_id: str
-    start: int
-    end: int
-    began_ms: float = Field(description="since the step started, as the client saw it")
-    ms: float = Field(description="from the previous hop's output (or the step's start) to this hop's")
-    by_push: bool = Field(description="the previous hop's peer pushed this hop its input")
-
-
-class TimelineStep(BaseModel):
-    step: int
-    positions: int = Field(description="new positions: the prompt's length for a prefill, 1 for a decode step")
-    trace_id: str = Field(description="the id every hop logs for this step")
-    hops: list[TimelineHop]
-
-
 class Timeline(BaseModel):
     id: str = Field(description="the completion's id, as in its answer")
-    steps: list[TimelineStep]
+    steps: list[StepTiming]
 
 
 class Timelines:
@@ -68,9 +53,7 @@ class Timelines:
         stream = self._runs.get(run_id)
         if stream is None:
             return None
-        steps = [TimelineStep(step=t.step, positions=t.positions, trace_id=t.trace_id,
-                              hops=[TimelineHop(**vars(hop)) for hop in t.hops]) for t in list(stream.timings)]
-        return Timeline(id=run_id, steps=steps)
+        return Timeline(id=run_id, steps=list(stream.timings))  # a copy: the generation may still be adding steps
 
 
 def join_command(initial_peers: list[str], ref: str) -> str:
