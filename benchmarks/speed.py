@@ -184,13 +184,14 @@ def main(
     prompt_tokens: int = typer.Option(100, min=1, help="Prompt length in tokens."),
     concurrency: str = typer.Option("1,2,4,8,16", help="Concurrent sessions, on their own three-peer swarm; '' to skip."),
     concurrency_peer_arg: list[str] = typer.Option(
-        ["--torch-threads=1", "--max-batch-rows=4"],
+        ["--max-batch-rows=4"],
         help="swarm-serve arguments added for the concurrency swarm: its three peers share this machine's cores."),
     delay_ms: str = typer.Option("", help="One-way delays for a three-peer swarm behind proxies, e.g. 0,5,25,50."),
     bandwidth_mbps: Optional[float] = typer.Option(None, help="Bandwidth cap of each proxy, Mbit/s per direction."),
     start_runs: Optional[int] = typer.Option(None, help="Peer start-to-ready runs (default: --runs; 0 to skip)."),
     model_ref: str = typer.Option("smollm2-135m", "--model", help="Model reference, as swarm-serve --model takes."),
-    peer_threads: Optional[int] = typer.Option(None, help="--torch-threads of every peer (default: this process's)."),
+    peer_threads: Optional[int] = typer.Option(
+        None, help="--torch-threads of every peer (default: the peers' own, a share of this host's cores)."),
     client_setting: list[str] = typer.Option([], help="KEY=VALUE passed to the client (ClientSettings); repeatable."),
     peer_arg: list[str] = typer.Option([], help="swarm-serve arguments for every peer: --peer-arg=--dtype=bfloat16."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Result file (default: benchmarks/results/)."),
@@ -206,9 +207,9 @@ def main(
         raise typer.BadParameter(f"unknown {sorted(unknown)}; choose from {sorted(SPLITS)}", param_hint="--splits")
     levels, delays = parse_list(concurrency), parse_list(delay_ms, float)
     settings = _client_settings(client_setting)
-    threads = peer_threads or torch.get_num_threads()
+    threads: int | str = peer_threads or "a share of the cores"
     extra = [a for arg in peer_arg for a in shlex.split(arg)]
-    peer_args = ["--model", model_ref, "--torch-threads", str(threads), *extra]
+    peer_args = ["--model", model_ref, *(["--torch-threads", str(peer_threads)] if peer_threads else []), *extra]
     start_runs = runs if start_runs is None else start_runs
     logs = Path(tempfile.mkdtemp(prefix="speed-bench-"))
     model = resolve_model(model_ref)

@@ -21,7 +21,7 @@ from client.swarm_view import SwarmView
 from swarm import protocol
 from swarm.client_parts import ClientParts
 from swarm.dht import SwarmDHT
-from swarm.errors import SwarmError
+from swarm.errors import RouteError, SwarmError
 from swarm.reference import ResolvedModel, resolve_model
 
 
@@ -31,12 +31,12 @@ class DistributedModelForCausalLM:
     def __init__(self, model: ResolvedModel, settings: ClientSettings):
         self.resolved, self.settings = model, settings
         self.config = model.config
-        self.parts = ClientParts(model, settings.dtype)
+        self.parts = ClientParts(model, settings.dtype or "float32")
         self.head = SharedHead(self.parts.logits, settings.head_batch_wait)
         self.generation_config = GenerationConfig.from_model_config(model.config)
         self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
         self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
-        self.view = SwarmView(self.dht, model, settings.refresh_period)
+        self.view = SwarmView(self.dht, model, settings.refresh_period, dtype=settings.dtype, quant=settings.quant)
         self._local = threading.local()  # the session opened by inference_session(), per calling thread
 
     @classmethod
@@ -150,7 +150,10 @@ class DistributedModelForCausalLM:
     async def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         await self.view.ensure_fresh()
         peers = self.view.online_peers()
-        route = build_route(self.resolved.num_blocks, peers, await self.view.rtts(list(peers)), self.bans.active())
+        try:
+            route = build_route(self.resolved.num_blocks, peers, await self.view.rtts(list(peers)), self.bans.active())
+        except RouteError as e:
+            raise self.view.explained(e) from None
         for hop in route:
             request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end),
                                             *protocol.input_tensors(hidden, mask))

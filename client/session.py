@@ -306,9 +306,9 @@ class InferenceSession:
             rtts = await self.view.rtts([p for p in peers if p not in banned])
             try:
                 hops = build_route(self.view.model.num_blocks, peers, rtts, banned, first, last)
-            except RouteError:
+            except RouteError as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise self.view.explained(e) from None
                 await asyncio.sleep(0.5)
                 await self.view.refresh()
                 continue

@@ -5,6 +5,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from swarm.dtypes import DTypeName, QuantName
+
 ENV_INITIAL_PEERS = "SWARM_INITIAL_PEERS"  # read by the command-line tools (swarm-health, swarm-api), not by ClientSettings
 
 
@@ -17,7 +19,10 @@ class ClientSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     initial_peers: list[str] = Field(min_length=1)
-    dtype: str = "float32"
+    dtype: DTypeName | None = Field(
+        default=None, description="the route's precision: the client's parts and every peer compute in it; "
+                                  "default: parts in float32, peers in any")
+    quant: QuantName | None = Field(default=None, description="only peers keeping their weights so; default: any")
     connect_timeout: float = Field(default=10.0, gt=0, description="seconds to open a session on a peer")
     step_timeout: float = Field(default=30.0, gt=0, description="seconds a peer gets to answer one step")
     route_timeout: float = Field(default=5.0, ge=0, description="seconds to wait for missing blocks to appear")

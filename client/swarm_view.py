@@ -8,6 +8,8 @@ import time
 from hivemind.utils import get_dht_time
 
 from swarm.dht import PeerRecord, SwarmDHT
+from swarm.dtypes import DTypeName, QuantName
+from swarm.errors import RouteError
 from swarm.records import PeerState
 from swarm.reference import ResolvedModel
 
@@ -16,10 +18,16 @@ PING_TIMEOUT = 3.0  # seconds a peer gets to answer the info call that measures 
 
 
 class SwarmView:
-    """A fresh-enough copy of the model's block records plus measured round-trip times."""
+    """A fresh-enough copy of the model's block records plus measured round-trip times.
 
-    def __init__(self, dht: SwarmDHT, model: ResolvedModel, refresh_period: float = 3.0, rtt_ttl: float = 60.0):
+    A client that requires a precision (dtype, quant) sees only the peers that compute in it, so its
+    route is homogeneous.
+    """
+
+    def __init__(self, dht: SwarmDHT, model: ResolvedModel, refresh_period: float = 3.0, rtt_ttl: float = 60.0,
+                 dtype: DTypeName | None = None, quant: QuantName | None = None):
         self.dht, self.model = dht, model
+        self.dtype, self.quant = dtype, quant
         self.refresh_period, self.rtt_ttl = refresh_period, rtt_ttl
         self.blocks: list[dict[str, PeerRecord]] = [{} for _ in range(model.num_blocks)]
         self.updated_at = 0.0
@@ -55,14 +63,27 @@ class SwarmView:
             except Exception as e:
                 logger.debug(f"swarm view refresh failed: {e}")
 
-    def online_peers(self) -> dict[str, PeerRecord]:
-        """Every peer announcing itself online for this model, by peer id."""
+    def online_peers(self, any_precision: bool = False) -> dict[str, PeerRecord]:
+        """Every peer announcing itself online for this model in the required precision, by peer id."""
         peers: dict[str, PeerRecord] = {}
         for block in self.blocks:
             for peer_id, record in block.items():
-                if record.announcement.state == PeerState.online:
+                if record.announcement.state == PeerState.online and (any_precision or self._wanted(record)):
                     peers[peer_id] = record
         return peers
+
+    def _wanted(self, record: PeerRecord) -> bool:
+        announced = record.announcement
+        return self.dtype in (None, announced.dtype) and self.quant in (None, announced.quant)
+
+    def explained(self, error: RouteError) -> RouteError:
+        """A route error that also names the peers left out for their precision, if any."""
+        others = len(self.online_peers(any_precision=True)) - len(self.online_peers())
+        if not others:
+            return error
+        required = ", ".join(f"{name}={value}" for name, value in (("dtype", self.dtype), ("quant", self.quant)) if value)
+        return RouteError(f"{error}; {others} online peers compute in another precision than the required {required} "
+                          "(leave dtype/quant unset to accept any)")
 
     async def rtts(self, peer_ids: list[str]) -> dict[str, float]:
         """Round-trip times in seconds (an info call each), cached; unreachable peers get infinity."""

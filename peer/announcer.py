@@ -9,7 +9,7 @@ from hivemind.utils import get_dht_time
 import swarm
 from peer.sessions import SessionRegistry
 from swarm.dht import SwarmDHT
-from swarm.dtypes import DTypeName
+from swarm.dtypes import DTypeName, QuantName
 from swarm.records import BlockAnnouncement, ModelRegistration, PeerState
 from swarm.reference import ResolvedModel
 
@@ -21,10 +21,10 @@ class Announcer:
     """What this peer says about itself: its span, state and throughput, with the free cache read at each announcement."""
 
     def __init__(self, dht: SwarmDHT, model: ResolvedModel, sessions: SessionRegistry, start: int, end: int,
-                 dtype: DTypeName, public_name: str | None, period: float):
+                 dtype: DTypeName, quant: QuantName, public_name: str | None, period: float):
         self.dht, self.model, self.sessions = dht, model, sessions
         self.start, self.end = start, end
-        self.dtype, self.public_name, self.period = dtype, public_name, period
+        self.dtype, self.quant, self.public_name, self.period = dtype, quant, public_name, period
         self.state = PeerState.joining
         self.throughput = 0.0  # decode steps per second through one block; known once the blocks are loaded
 
@@ -38,6 +38,7 @@ class Announcer:
             version=swarm.__version__,
             public_name=self.public_name,
             dtype=self.dtype,
+            quant=self.quant,
         )
 
     async def announce(self, state: PeerState | None = None, throughput: float | None = None) -> None:

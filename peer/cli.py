@@ -32,7 +32,12 @@ def serve(
     announce_maddrs: Optional[list[str]] = typer.Option(None, help="Multiaddrs others should reach this peer at."),
     identity: Optional[Path] = typer.Option(None, help="Private key file: keeps the same peer id across restarts."),
     dtype: Optional[str] = typer.Option(
-        None, help="float32, bfloat16 or float16 (default: float32 on a CPU, float16 on a GPU)."),
+        None, help="float32, bfloat16 or float16 (default: float16 on a GPU; on a CPU the faster of float32 and "
+                   "float16, measured once)."),
+    quant: Optional[str] = typer.Option(
+        None, help="none, int8 or int4: keep the blocks' weights quantized (a GGUF's Q4 blocks load as they are; "
+                   "CPU only; default: none)."),
+    cache_dtype: Optional[str] = typer.Option(None, help="KV cache precision (default: the compute precision)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda[:N] (default: cpu); one peer per GPU."),
     max_cache_tokens: Optional[int] = typer.Option(
         None, help="KV cache budget in tokens, over all sessions (default: 32768 on a CPU; on a GPU, what its "
@@ -52,7 +57,7 @@ def serve(
     logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "INFO"), format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)])
     from peer.settings import load_settings
-    from swarm.errors import DeviceError, ModelReferenceError, SwarmError
+    from swarm.errors import DeviceError, ModelReferenceError, QuantizationError, SwarmError
 
     flags = {name: value for name, value in context.params.items() if name != "config"}  # each names a setting
     try:
@@ -70,7 +75,7 @@ def serve(
 
     try:
         uvloop.run(Peer(settings).run())
-    except (ModelReferenceError, DeviceError) as e:  # a model or device we cannot serve with: a bad argument
+    except (ModelReferenceError, DeviceError, QuantizationError) as e:  # what we cannot serve with: a bad argument
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     except SwarmError as e:

@@ -5,11 +5,15 @@ without the device (tests/test_memory.py).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import torch
 
+from swarm.dtypes import QuantName, to_torch_dtype
 from swarm.errors import DeviceError
+from swarm.quantized import weight_bytes
 from swarm.families import family_of
 from swarm.reference import ResolvedModel
 
@@ -23,20 +27,19 @@ GPU_RESERVE_SHARE, GPU_RESERVE_BYTES = 0.1, GiB // 2
 
 @dataclass(frozen=True)
 class Footprint:
-    """Bytes per block of a model at a precision: its weights, and one token of one session's cache."""
+    """Bytes per block of a model: its weights at a precision and quantization, one token of one session's cache."""
 
     weights: int
     per_cache_token: int
 
     @classmethod
-    def of(cls, model: ResolvedModel, dtype: str) -> "Footprint":
+    def of(cls, model: ResolvedModel, dtype: str, quant: QuantName = "none", cache_dtype: str | None = None) -> "Footprint":
         config = model.config
         with torch.device("meta"):
             layer = family_of(config).decoder_layer(config, layer_idx=0)
-        itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(sum(p.numel() for p in layer.parameters()) * itemsize,
-                   2 * config.num_key_value_heads * head_dim * itemsize)
+        return cls(weight_bytes(layer, quant, to_torch_dtype(dtype).itemsize),
+                   2 * config.num_key_value_heads * head_dim * to_torch_dtype(cache_dtype or dtype).itemsize)
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,12 @@ def plan_memory(footprint: Footprint, free_bytes: int, device_type: str, num_blo
                          f"{budget / GiB:.2f} GiB of the GPU's {free_bytes / GiB:.2f} GiB free are usable: "
                          "serve fewer blocks (--blocks, --num-blocks) or lower --max-cache-tokens")
     return MemoryPlan(blocks, int(cache_tokens))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc): loading quantized blocks frees large temporaries
+    that would otherwise stay in the peer's resident memory."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

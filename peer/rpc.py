@@ -84,6 +84,7 @@ class PeerService:
             end=announced.end,
             version=swarm.__version__,
             dtype=announced.dtype,
+            quant=announced.quant,
             public_name=announced.public_name,
             throughput=announced.throughput,
             cache_tokens_left=self.sessions.tokens_left,

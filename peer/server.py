@@ -11,10 +11,12 @@ import torch
 from rich.progress import Progress
 
 from peer.announcer import Announcer
-from peer.device import check_device, default_dtype, free_memory
-from peer.memory import Footprint, MemoryPlan, plan_memory
+from peer.cores import RECHECK_SECONDS, CoreShare
+from peer.device import check_device, free_memory
+from peer.memory import Footprint, MemoryPlan, plan_memory, release_freed_memory
 from peer.metrics import PeerMetrics, serve_metrics
 from peer.placement import Coverage, best_start, should_move
+from peer.precision import choose_dtype
 from peer.push import Pusher
 from peer.rpc import PeerService
 from peer.scheduler import StepScheduler
@@ -22,10 +24,12 @@ from peer.sessions import SessionRegistry
 from peer.settings import PeerSettings
 from peer.throughput import measure_throughput
 from swarm.dht import SwarmDHT
+from swarm.dtypes import DTypeName
 from swarm.errors import SwarmError
 from swarm.families import family_of
 from swarm.records import PeerState
 from swarm.reference import ResolvedModel, resolve_model
+from swarm.quantized import check_quantizable
 from swarm.span import Span
 from swarm.weights import check_span
 
@@ -37,14 +41,20 @@ class LoadStopped(Exception):
 
 
 class Peer:
+    dtype: DTypeName  # measured in run() when --dtype is not given: it depends on the model
+
     def __init__(self, settings: PeerSettings):
         self.settings = settings
-        threads = settings.torch_threads or torch.get_num_threads()
+        self.cores: CoreShare | None = None
+        if settings.torch_threads is None:  # a share of the host's cores, followed as other peers come and go
+            self.cores = CoreShare()
+            self.threads = self.cores.threads()
+        else:
+            self.threads = settings.torch_threads
         self.compute = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(threads,)
+            max_workers=1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(self.threads,)
         )
         self.device = check_device(settings.device)
-        self.dtype = settings.dtype or default_dtype(self.device)
         self.metrics = PeerMetrics()
         self.stopping = asyncio.Event()
         self._stop_loading = threading.Event()  # the same signal, for the compute thread while it loads blocks
@@ -59,7 +69,13 @@ class Peer:
         # (docs/batching.md).
         torch.set_num_threads(1)
         model = await loop.run_in_executor(self.compute, resolve_model, settings.model)
-        family_of(model.config)  # an architecture we cannot run fails here, before the swarm ever hears of us
+        # an architecture or quantization we cannot run fails here, before the swarm ever hears of us
+        with torch.device("meta"):
+            check_quantizable(family_of(model.config).decoder_layer(model.config, layer_idx=0), settings.quant, self.device)
+        if settings.dtype is not None:
+            self.dtype = settings.dtype
+        else:
+            self.dtype = await loop.run_in_executor(self.compute, choose_dtype, model, self.device, settings.quant)
         exporter = None if settings.metrics_port is None else await self._serve_metrics()  # a taken port fails now
         dht = await SwarmDHT.create(
             settings.initial_peers,
@@ -78,6 +94,8 @@ class Peer:
             except Exception as e:
                 logger.warning(f"p2p daemon did not shut down cleanly: {e!r}")
             self.compute.shutdown(wait=False, cancel_futures=True)
+            if self.cores is not None:
+                self.cores.close()
 
     async def _serve(self, model: ResolvedModel, dht: SwarmDHT) -> None:
         settings, loop = self.settings, asyncio.get_running_loop()
@@ -87,10 +105,13 @@ class Peer:
         check_span(model, start, end)
         memory = self._plan_memory(model, blocks=end - start)
         sessions = SessionRegistry(memory.cache_tokens, self.metrics)
-        announcer = Announcer(dht, model, sessions, start, end, self.dtype, settings.public_name, settings.announce_period)
+        announcer = Announcer(dht, model, sessions, start, end, self.dtype, settings.quant, settings.public_name,
+                              settings.announce_period)
         await announcer.announce(PeerState.joining)
-        logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix}) on {self.device} in {self.dtype}, "
-                    f"KV cache {memory.cache_tokens} tokens")
+        logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix}) on {self.device} "
+                    f"({self.threads} threads) in {self.dtype}"
+                    f"{'' if settings.quant == 'none' else f' with {settings.quant} weights'}, "
+                    f"KV cache {memory.cache_tokens} tokens in {settings.cache_dtype or self.dtype}")
 
         try:
             span = await self._load(model, start, end)
@@ -107,7 +128,8 @@ class Peer:
         service = PeerService(span, sessions, scheduler, pusher, announcer, self.metrics, settings.session_idle_timeout)
         await service.register(dht.p2p)
         await announcer.announce(PeerState.online, throughput)
-        tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service))]
+        tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service)),
+                 asyncio.create_task(self._follow_core_share())]
         print(f"ready: serving {model.name} blocks {start}:{end} as {dht.peer_id} "
               f"({throughput:.1f} block-steps/s)", flush=True)
 
@@ -120,6 +142,17 @@ class Peer:
         await service.drain(settings.shutdown_grace)
         await scheduler.close()
         pusher.close()
+
+    async def _follow_core_share(self) -> None:
+        """Keep the compute thread at this peer's share of the host's cores as peers start and stop beside it."""
+        while self.cores is not None:
+            await asyncio.sleep(RECHECK_SECONDS)
+            threads = self.cores.threads()
+            if threads != self.threads:
+                await asyncio.get_running_loop().run_in_executor(self.compute, torch.set_num_threads, threads)
+                logger.info(f"{self.cores.peers()} peers share this host's {self.cores.cores} cores: "
+                            f"computing on {threads} threads (was {self.threads})")
+                self.threads = threads
 
     async def _serve_metrics(self) -> asyncio.Server:
         assert self.settings.metrics_port is not None
@@ -137,7 +170,8 @@ class Peer:
         self._stop_loading.set()
 
     def _plan_memory(self, model: ResolvedModel, blocks: int | None = None) -> MemoryPlan:
-        return plan_memory(Footprint.of(model, self.dtype), free_memory(self.device), self.device.type, model.num_blocks,
+        footprint = Footprint.of(model, self.dtype, self.settings.quant, self.settings.cache_dtype)
+        return plan_memory(footprint, free_memory(self.device), self.device.type, model.num_blocks,
                            blocks, self.settings.max_cache_tokens)
 
     async def _choose_span(self, model: ResolvedModel, dht: SwarmDHT) -> tuple[int, int]:
@@ -156,10 +190,13 @@ class Peer:
                     raise LoadStopped
                 progress.advance(task)
 
-            return await asyncio.get_running_loop().run_in_executor(
+            span = await asyncio.get_running_loop().run_in_executor(
                 self.compute,
-                lambda: Span(model, start, end, self.dtype, str(self.device), on_block_loaded=loaded),
+                lambda: Span(model, start, end, self.dtype, str(self.device), on_block_loaded=loaded,
+                             quant=self.settings.quant, cache_dtype=self.settings.cache_dtype),
             )
+        release_freed_memory()
+        return span
 
     async def _watch_swarm(self, model: ResolvedModel, dht: SwarmDHT, service: PeerService) -> None:
         """Log who else serves the model; with automatic placement, move to uncovered blocks when this

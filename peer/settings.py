@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from swarm.dtypes import DTypeName
+from swarm.dtypes import DTypeName, QuantName
 from swarm.errors import SwarmError
 from swarm.reference import DEFAULT_MODEL
 
@@ -28,7 +28,10 @@ class PeerSettings(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     announce_maddrs: list[str] = []
     identity: Path | None = None
-    dtype: DTypeName | None = Field(default=None, description="default: float32 on a CPU, float16 on a GPU")
+    dtype: DTypeName | None = Field(default=None, description="default: float16 on a GPU; on a CPU the faster of "
+                                                               "float32 and float16, measured (peer/precision.py)")
+    quant: QuantName = Field(default="none", description="keep the blocks' linear weights as int8 or int4")
+    cache_dtype: DTypeName | None = Field(default=None, description="the KV cache's precision; default: the compute's")
     device: str = "cpu"
     max_cache_tokens: int | None = Field(default=None, gt=0, description="default: 32768 on a CPU, what a GPU leaves")
     public_name: str | None = Field(default=None, max_length=64)

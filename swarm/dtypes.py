@@ -1,9 +1,10 @@
-"""The dtypes a span can run in, by the names configs and the wire use."""
+"""The dtypes a span can run in and the quantizations of its weights, by the names configs and the wire use."""
 from typing import Literal
 
 import torch
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
+QuantName = Literal["none", "int8", "int4"]  # swarm/quantized.py
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -27,3 +27,7 @@ class DeviceError(SwarmError):
 
 class RouteError(SwarmError):
     """The swarm cannot serve some blocks of a model."""
+
+
+class QuantizationError(SwarmError):
+    """A quantization that this model's shapes or this device cannot run."""

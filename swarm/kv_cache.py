@@ -43,9 +43,12 @@ class KVCache:
         return self.batch_size * self.max_length
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called by transformers' attention: store the new positions, return all positions so far."""
+        """Called by transformers' attention: store the new positions, return all positions so far.
+
+        A cache kept in another precision than the compute (--cache-dtype) is returned in the compute's.
+        """
         block_keys, block_values = self.keys[layer_idx - self.first_block], self.values[layer_idx - self.first_block]
         end = self.length + keys.shape[2]
         block_keys[:, :, self.length : end] = keys
         block_values[:, :, self.length : end] = values
-        return block_keys[:, :, :end], block_values[:, :, :end]
+        return block_keys[:, :, :end].to(keys.dtype), block_values[:, :, :end].to(values.dtype)

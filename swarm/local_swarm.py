@@ -107,9 +107,9 @@ class LocalSwarm:
     def initial_peers(self) -> list[str]:
         return [m for p in self.peers[:1] for m in p.maddrs]
 
-    def add(self, args: list[str], name: str | None = None) -> PeerProcess:
+    def add(self, args: list[str], name: str | None = None, env: dict | None = None) -> PeerProcess:
         join = ["--new-swarm"] if not self.peers else [a for m in self.initial_peers for a in ("--initial-peers", m)]
-        peer = start_peer([*join, *self.common_args, *args], self.log_dir, name or f"peer{len(self.peers)}")
+        peer = start_peer([*join, *self.common_args, *args], self.log_dir, name or f"peer{len(self.peers)}", env=env)
         self.peers.append(peer)
         return peer
 

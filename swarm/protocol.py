@@ -152,6 +152,7 @@ class PeerInfo(_Message):
     end: int
     version: str
     dtype: str
+    quant: str = "none"
     public_name: str | None
     throughput: float
     cache_tokens_left: int

@@ -12,7 +12,7 @@ import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from swarm.dtypes import DTypeName
+from swarm.dtypes import DTypeName, QuantName
 
 REGISTRY_KEY = "swarm-llm.models"  # every model a swarm serves, so tools need not be told their names
 OWNER_MARK = "[owner:"  # how hivemind's signature validator marks a signed subkey
@@ -57,6 +57,7 @@ class BlockAnnouncement(_Record):
     version: str = Field(max_length=32)
     public_name: str | None = Field(default=None, max_length=64)
     dtype: DTypeName
+    quant: QuantName = "none"
 
     @model_validator(mode="after")
     def _span_is_not_empty(self) -> "BlockAnnouncement":

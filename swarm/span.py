@@ -7,11 +7,13 @@ from typing import Callable
 import torch
 
 from swarm.attention import NAME as RAGGED_ATTENTION, Segment
+from swarm.gguf_shards import Form
 from swarm.kv_cache import KVCache
-from swarm.dtypes import to_torch_dtype
+from swarm.dtypes import QuantName, to_torch_dtype
 from swarm.errors import ProtocolError
 from swarm.families import family_of
 from swarm.linear import weight_major
+from swarm.quantized import check_quantizable, load_block
 from swarm.reference import ResolvedModel
 from swarm.weights import iter_block_weights
 
@@ -27,9 +29,12 @@ class Span:
         dtype: str = "float32",
         device: str = "cpu",
         on_block_loaded: Callable[[int], None] | None = None,
+        quant: QuantName = "none",
+        cache_dtype: str | None = None,
     ):
         self.model, self.start, self.end = model, start, end
         self.dtype, self.device = to_torch_dtype(dtype), torch.device(device)
+        self.quant, self.cache_dtype = quant, to_torch_dtype(cache_dtype) if cache_dtype else self.dtype
         config = copy.deepcopy(model.config)
         config._attn_implementation = RAGGED_ATTENTION
         # routed experts (Mixtral) as transformers' plain per-expert loop: a token's result never depends on
@@ -40,10 +45,12 @@ class Span:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers = torch.nn.ModuleList()
-        for index, state in zip(range(start, end), iter_block_weights(model, start, end)):
+        form: Form = "q4" if quant == "int4" else "float"
+        for index, state in zip(range(start, end), iter_block_weights(model, start, end, form)):
             with torch.device("meta"):
                 layer = self.family.decoder_layer(config, layer_idx=index)
-            layer.load_state_dict(self.family.block_weights(state), strict=True, assign=True)
+            check_quantizable(layer, quant, self.device)
+            load_block(layer, self.family.block_weights(state), quant)
             self.layers.append(weight_major(layer.to(device=self.device, dtype=self.dtype).eval()))
             if on_block_loaded is not None:
                 on_block_loaded(index)
@@ -68,7 +75,8 @@ class Span:
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         return KVCache(
-            self.start, self.num_blocks, batch_size, max_length, self.num_kv_heads, self.head_dim, self.dtype, self.device
+            self.start, self.num_blocks, batch_size, max_length, self.num_kv_heads, self.head_dim, self.cache_dtype,
+            self.device,
         )
 
     def check(self, hidden: torch.Tensor, cache: KVCache) -> None:

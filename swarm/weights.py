@@ -22,17 +22,19 @@ def check_span(model: ResolvedModel, start: int, end: int) -> None:
         )
 
 
-def iter_block_weights(model: ResolvedModel, start: int, end: int) -> Iterator[dict[str, torch.Tensor]]:
+def iter_block_weights(model: ResolvedModel, start: int, end: int,
+                       form: gguf_shards.Form = "float") -> Iterator[dict[str, torch.Tensor]]:
     """One state dict per block of [start, end), with names relative to the block, read block by block.
 
     Reading is most of a peer's loading time: one block at a time lets it show real progress and stop
-    between blocks when asked to, and only the files that hold a block are opened for it.
+    between blocks when asked to, and only the files that hold a block are opened for it. A GGUF's
+    blocks come in `form` (gguf_shards: "q4" keeps its 4-bit weights); other checkpoints as they are.
     """
     check_span(model, start, end)
     blocks = list(range(start, end))
     if model.gguf_file is not None:
-        gguf_shards.ensure_shards(model.gguf_file, model.folder, blocks)
-        files = [gguf_shards.shard_path(model.folder, i) for i in blocks]
+        gguf_shards.ensure_shards(model.gguf_file, model.folder, blocks, form)
+        files = [gguf_shards.shard_path(model.folder, i, form) for i in blocks]
     else:
         files = safetensors_files(model.folder)
     where = _index(files)

@@ -2,9 +2,14 @@
 
 SWARM_CACHE_DIR is deliberately left alone: the default GGUF model keeps using the user's warm
 cache (a cold conversion takes ~30 s), and tests that need a scratch cache set it themselves.
+
+The tests' peers compute in float32 (SWARM_DTYPE), the precision their transformers references
+use, instead of the precision a peer would measure as fastest on the machine; tests/test_precision.py
+runs the others and the measured choice.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tiny_models, whatever pytest's
 
 from tiny_models import build_tiny_model, load_reference  # noqa: E402
 
+os.environ["SWARM_DTYPE"] = "float32"
 DEFAULT_SPLITS = [(0, 10), (10, 20), (20, 30)]
 DEFAULT_NEW_TOKENS = 32
 # fixtures that load the default model's weights (transformers' copy takes ~20 s): their tests are slow

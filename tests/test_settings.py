@@ -11,6 +11,7 @@ def test_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("SWARM_PUBLIC_NAME", "from-env")
     monkeypatch.setenv("SWARM_MAX_CACHE_TOKENS", "200")
     monkeypatch.setenv("SWARM_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/1/p2p/A, /ip4/127.0.0.1/tcp/2/p2p/B")
+    monkeypatch.delenv("SWARM_DTYPE")  # pinned for the tests' swarms (conftest.py)
     settings = load_settings(config, {"max_cache_tokens": 300, "blocks": None})
     assert settings.span == (0, 10)  # file
     assert settings.announce_period == 7  # file
@@ -18,7 +19,7 @@ def test_precedence(tmp_path, monkeypatch):
     assert settings.max_cache_tokens == 300  # flag beats env
     assert settings.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/127.0.0.1/tcp/2/p2p/B"]
     assert settings.model == "smollm2-135m" and settings.device == "cpu"  # defaults
-    assert settings.dtype is None  # chosen by the device (peer/device.py)
+    assert settings.dtype is None and settings.quant == "none"  # measured on the machine (peer/precision.py)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,8 @@ def test_precedence(tmp_path, monkeypatch):
         ({"blocks": "3:3"}, "blocks"),
         ({"blocks": "1:2", "num_blocks": 3}, "not both"),
         ({"dtype": "float64"}, "dtype"),
+        ({"quant": "int3"}, "quant"),
+        ({"cache_dtype": "int8"}, "cache_dtype"),
         ({"device": "tpu"}, "device"),
         ({"new_swarm": True, "initial_peers": ["/ip4/127.0.0.1/tcp/1"]}, "not both"),
     ],

@@ -33,6 +33,7 @@ class PeerReport(_Out):
     throughput: float = Field(description="announced decode steps per second through one block")
     cache_tokens_left: int = Field(description="announced free KV cache, in tokens")
     dtype: str = Field(description="the precision the peer computes in")
+    quant: str = Field(description="how the peer keeps its blocks' linear weights: none, int8 or int4")
     version: str
     public_name: Optional[str]
     rtt_ms: Optional[float] = Field(description="round trip of an INFO call from here; null if it did not answer")
