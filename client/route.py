@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass
 
 from swarm.dht import PeerRecord
+from swarm.records import BlockAnnouncement
 from swarm.errors import RouteError
 
 DEFAULT_RTT = 0.05  # seconds assumed for a peer whose round trip we could not measure yet
 JITTER = 0.1  # routes within ~10% of the best cost are chosen at random, to spread load
+# How much one more open session slows a peer's steps: 8 sessions share passes at about 4x one
+# session's throughput (docs/performance.md), so each session's step takes about 2x: 1 + 8 x 0.125.
+SESSION_SHARE = 0.125
+# A peer's recent passes count only when this much slower than the prediction: they also carry a pass's
+# fixed costs, which the throughput measured at start leaves out, and must not make a used replica
+# look slower than an idle one.
+SLOWED = 1.5
 
 
 @dataclass(frozen=True)
@@ -27,12 +35,16 @@ def build_route(
     first: int = 0,
     last: int | None = None,
     rng: random.Random | None = None,
+    placed: Mapping[str, int] | None = None,
 ) -> list[Hop]:
     """Shortest path over block boundaries; an edge is one peer running blocks [i, j) of its span.
 
-    Cost of an edge: the peer's round trip plus (j - i) / its announced throughput. Fewer hops win
-    when peers are alike, because every hop pays a round trip.
+    Cost of an edge: the peer's round trip plus (j - i) x its expected seconds per block for a new
+    session (`step_seconds`). Fewer hops win when peers are alike, because every hop pays a round
+    trip; of equivalent replicas, the less loaded wins. `placed`: sessions this client put on a peer
+    since the peer measured its announced load, which that load cannot show yet.
     """
+    placed = placed or {}
     last = num_blocks if last is None else last
     rng = rng or random.Random()
     unusable = set(banned) | {p for p in peers if rtts.get(p) == float("inf")}  # banned or not answering
@@ -43,7 +55,7 @@ def build_route(
             peer_id,
             record.announcement,
             rtts.get(peer_id, DEFAULT_RTT) * (1 + JITTER * rng.random()),
-            max(record.announcement.throughput, 1e-3) * (1 + JITTER * rng.random()),
+            step_seconds(record.announcement, placed.get(peer_id, 0)) / (1 + JITTER * rng.random()),
         )
         for peer_id, record in peers.items()
         if peer_id not in unusable
@@ -51,11 +63,11 @@ def build_route(
     for i in range(first, last):
         if best[i][0] == float("inf"):
             continue
-        for peer_id, record, rtt, speed in candidates:
+        for peer_id, record, rtt, per_block in candidates:
             if not record.start <= i < record.end:
                 continue
             for j in range(i + 1, min(record.end, last) + 1):
-                cost = best[i][0] + rtt + (j - i) / speed
+                cost = best[i][0] + rtt + (j - i) * per_block
                 if cost < best[j][0]:
                     best[j] = (cost, Hop(peer_id, i, j))
     if best[last][0] == float("inf"):
@@ -68,6 +80,19 @@ def build_route(
         hops.append(hop)
         position = hop.start
     return hops[::-1]
+
+
+def step_seconds(announcement: BlockAnnouncement, placed: int = 0) -> float:
+    """Expected seconds per block of a new session's step on this peer, under its load.
+
+    From the idle throughput, slowed by the open sessions (those announced and those this client
+    placed since); a peer whose recent passes were much slower than that says so with its step time.
+    """
+    load = announcement.load
+    sessions = (load.sessions if load else 0) + placed
+    predicted = (1 + SESSION_SHARE * sessions) / max(announcement.throughput, 1e-3)
+    recent = load.step_seconds if load and load.step_seconds else 0.0
+    return recent if recent > SLOWED * predicted else predicted
 
 
 def _explain_gap(first: int, last: int, peers: dict[str, PeerRecord], unusable: set[str]) -> str:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from client.route import Hop, build_route
 from client.settings import ClientSettings
-from client.swarm_view import SwarmView
+from client.swarm_view import Placement, SwarmView
 from swarm import protocol
 from swarm.errors import ProtocolError, RouteError, SwarmError
 
@@ -39,8 +39,8 @@ class HopFailed(SwarmError):
 class HopStream:
     """One open `inference` stream to one peer, for blocks [hop.start, hop.end)."""
 
-    def __init__(self, hop: Hop):
-        self.hop = hop
+    def __init__(self, hop: Hop, placement: Placement | None = None):
+        self.hop, self.placement = hop, placement  # the placement counts this stream in the peer's load until closed
         self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
         self.steps = 0  # steps this peer has answered: the number of the next one
         self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
@@ -135,6 +135,8 @@ class HopStream:
 
     def close(self) -> None:
         """End the request stream (the peer frees the cache) and read out what the peer still sends."""
+        if self.placement is not None:
+            self.placement.release()
         self._queue.put_nowait(None)
         if self._responses is not None:
             asyncio.get_running_loop().create_task(self._drain())
@@ -305,26 +307,25 @@ class InferenceSession:
             peers = self.view.online_peers()  # all of them: a RouteError counts the skipped ones
             rtts = await self.view.rtts([p for p in peers if p not in banned])
             try:
-                hops = build_route(self.view.model.num_blocks, peers, rtts, banned, first, last)
+                hops = build_route(self.view.model.num_blocks, peers, rtts, banned, first, last, placed=self.view.placed())
             except RouteError as e:
                 if time.monotonic() > deadline:
                     raise self.view.explained(e) from None
                 await asyncio.sleep(0.5)
                 await self.view.refresh()
                 continue
-            opened: list[HopStream] = []
+            # placed before the first await, so sessions opening at the same moment spread over replicas
+            opened = [HopStream(hop, self.view.place(hop.peer_id)) for hop in hops]
             try:
-                for hop in hops:
-                    stream = HopStream(hop)
+                for stream in opened:
                     await stream.open(self.view, self.max_length, self.batch_size, self.settings.connect_timeout)
-                    opened.append(stream)
             except HopFailed as e:
                 logger.warning(f"{e}; trying another route")
                 if e.code == "cache_full":  # busy, not broken: other sessions may still use it
-                    full.add(hop.peer_id)
+                    full.add(stream.hop.peer_id)
                 else:
-                    self.bans.ban(hop.peer_id)
-                for failed in [*opened, stream]:
+                    self.bans.ban(stream.hop.peer_id)
+                for failed in opened:
                     failed.close()
                 continue
             if first == 0 and last == self.view.model.num_blocks:

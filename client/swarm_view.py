@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from hivemind.utils import get_dht_time
 
@@ -15,6 +16,21 @@ from swarm.reference import ResolvedModel
 
 logger = logging.getLogger(__name__)
 PING_TIMEOUT = 3.0  # seconds a peer gets to answer the info call that measures its round trip
+PING_SAMPLES = 3
+
+
+@dataclass(eq=False)
+class Placement:
+    """A session this client opened on a peer, counted in that peer's load until the peer's own record shows it."""
+
+    view: "SwarmView"
+    peer_id: str
+    at: float  # DHT time
+
+    def release(self) -> None:
+        placements = self.view._placements.get(self.peer_id, [])
+        if self in placements:
+            placements.remove(self)
 
 
 class SwarmView:
@@ -33,6 +49,7 @@ class SwarmView:
         self.updated_at = 0.0
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._refresher: asyncio.Task | None = None
+        self._placements: dict[str, list[Placement]] = {}  # sessions this client opened, by peer
 
     async def refresh(self) -> None:
         """Re-read every block; a block whose lookup found nothing keeps its records that have not expired.
@@ -85,16 +102,46 @@ class SwarmView:
         return RouteError(f"{error}; {others} online peers compute in another precision than the required {required} "
                           "(leave dtype/quant unset to accept any)")
 
+    def place(self, peer_id: str) -> "Placement":
+        """Count a session this client is opening on `peer_id` in that peer's load, until it closes."""
+        placement = Placement(self, peer_id, get_dht_time())
+        self._placements.setdefault(peer_id, []).append(placement)
+        return placement
+
+    def placed(self) -> dict[str, int]:
+        """Per peer, the open sessions this client placed there after the peer measured its announced load."""
+        measured: dict[str, float] = {}
+        for block in self.blocks:
+            for peer_id, record in block.items():
+                if record.announcement.load is not None:
+                    measured[peer_id] = max(measured.get(peer_id, 0.0), record.announcement.load.at)
+        return {peer_id: sum(p.at > measured.get(peer_id, 0.0) for p in placements)
+                for peer_id, placements in self._placements.items() if placements}
+
     async def rtts(self, peer_ids: list[str]) -> dict[str, float]:
-        """Round-trip times in seconds (an info call each), cached; unreachable peers get infinity."""
+        """Round-trip times in seconds (the fastest of a few info calls), cached; unreachable peers get infinity."""
         now = time.monotonic()
         stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl]
         if stale:
-            results = await asyncio.gather(*(self.dht.ping(p, PING_TIMEOUT) for p in stale))
+            results = await asyncio.gather(*(self._fastest_ping(p) for p in stale))
             for peer_id, rtt in zip(stale, results):
-                # an unreachable peer is remembered as infinitely far, and asked again after a shorter while
-                self._rtt[peer_id] = (rtt, now) if rtt is not None else (float("inf"), now - self.rtt_ttl * 0.8)
+                # an unreachable peer is remembered as infinitely far, and asked again after a shorter while;
+                # otherwise the lower of this and the previous sample: a ping to a busy peer waits for its event
+                # loop too, and a sample from a busy moment must not outweigh the load the records announce
+                previous = self._rtt.get(peer_id, (float("inf"), 0.0))[0]
+                self._rtt[peer_id] = (min(rtt, previous), now) if rtt is not None else \
+                    (float("inf"), now - self.rtt_ttl * 0.8)
         return {p: self._rtt[p][0] for p in peer_ids if p in self._rtt}
+
+    async def _fastest_ping(self, peer_id: str) -> float | None:
+        """The fastest of PING_SAMPLES info calls in a row: each also waits for the peer's busy event loop."""
+        fastest: float | None = None
+        for _ in range(PING_SAMPLES):
+            rtt = await self.dht.ping(peer_id, PING_TIMEOUT)
+            if rtt is None:
+                return fastest
+            fastest = rtt if fastest is None else min(fastest, rtt)
+        return fastest
 
     async def close(self) -> None:
         if self._refresher is not None:

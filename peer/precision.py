@@ -29,7 +29,8 @@ def choose_dtype(model: ResolvedModel, device: torch.device, quant: QuantName) -
     """float16 on a GPU; on a CPU the faster of float32 and float16 for this model, quantization and thread count."""
     if device.type != "cpu":
         return default_dtype(device)
-    speeds = cached(measurement_key("precision", model.dht_prefix, device, quant), lambda: _measure(model, device, quant))
+    key = measurement_key("precision", model.dht_prefix, device, quant, threads=torch.get_num_threads())  # compute thread
+    speeds = cached(key, lambda: _measure(model, device, quant))
     chosen = faster_dtype(speeds)
     logger.info(f"computing in {chosen}: decode steps per second through one block, "
                 + ", ".join(f"{dtype} {speed:.0f}" for dtype, speed in speeds.items())

@@ -27,6 +27,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from peer.load import PeerLoad
 from peer.metrics import PeerMetrics
 from swarm.kv_cache import KVCache
 from swarm.span import Span
@@ -78,9 +79,9 @@ class _Job:
 
 class StepScheduler:
     def __init__(self, compute: ThreadPoolExecutor, max_rows: int, max_tokens: int, max_wait: float,
-                 metrics: PeerMetrics, device: torch.device = torch.device("cpu")):
+                 metrics: PeerMetrics, load: PeerLoad, device: torch.device = torch.device("cpu")):
         self.compute, self.max_rows, self.max_tokens, self.max_wait = compute, max_rows, max_tokens, max_wait
-        self.metrics, self.device = metrics, device  # the compute thread owns the device
+        self.metrics, self.load, self.device = metrics, load, device  # the compute thread owns the device
         self.waiting: list[_Job] = []
         self.passes = self.batched_steps = 0  # what the batches looked like, reported by swarm.info
         self._arrivals = itertools.count()
@@ -100,7 +101,7 @@ class StepScheduler:
             pace.arrived(loop.time())
         future = loop.create_future()
         self.waiting.append(_Job(span, hidden, cache, mask, future, next(self._arrivals)))
-        self.metrics.queued.set(len(self.waiting))
+        self._count_queued()
         self._wake.set()
         return await future
 
@@ -121,6 +122,7 @@ class StepScheduler:
                 if not (batch := self._take()):
                     break
                 steps = [self._next_chunk(job, positions) for job, positions in batch]
+                started = loop.time()
                 try:
                     outputs = await loop.run_in_executor(self.compute, batch[0][0].span.forward_batch, steps)
                 except Exception as e:
@@ -133,6 +135,8 @@ class StepScheduler:
                 self.metrics.passes.inc()
                 self.metrics.steps.inc(len(batch))
                 self.metrics.rows_per_pass.observe(sum(job.rows for job, _ in batch))
+                if all(positions == 1 for _, positions in batch):  # a decode pass: what a session's step waits here
+                    self.load.passed(loop.time() - started, batch[0][0].span.num_blocks, sum(job.rows for job, _ in batch))
                 for (job, positions), output in zip(batch, outputs):
                     job.outputs.append(output)
                     job.done += positions
@@ -205,13 +209,17 @@ class StepScheduler:
 
     def _finish(self, job: _Job, error: Exception | None) -> None:
         self.waiting.remove(job)
-        self.metrics.queued.set(len(self.waiting))
+        self._count_queued()
         if job.future.done():
             return
         if error is not None:
             job.future.set_exception(error)
         else:
             job.future.set_result(torch.cat(job.outputs, dim=1))
+
+    def _count_queued(self) -> None:
+        self.metrics.queued.set(len(self.waiting))
+        self.load.queued = len(self.waiting)
 
     def forget(self, cache: KVCache) -> None:
         """A session closed: nobody waits for its next step."""

@@ -14,6 +14,7 @@ from peer.announcer import Announcer
 from peer.cores import RECHECK_SECONDS, CoreShare
 from peer.device import check_device, free_memory
 from peer.memory import Footprint, MemoryPlan, plan_memory, release_freed_memory
+from peer.load import PeerLoad
 from peer.metrics import PeerMetrics, serve_metrics
 from peer.placement import Coverage, best_start, should_move
 from peer.precision import choose_dtype
@@ -22,7 +23,7 @@ from peer.rpc import PeerService
 from peer.scheduler import StepScheduler
 from peer.sessions import SessionRegistry
 from peer.settings import PeerSettings
-from peer.throughput import measure_throughput
+from peer.throughput import measure_throughput, throughput_key
 from swarm.dht import SwarmDHT
 from swarm.dtypes import DTypeName
 from swarm.errors import SwarmError
@@ -104,9 +105,10 @@ class Peer:
         start, end = settings.span or await self._choose_span(model, dht)
         check_span(model, start, end)
         memory = self._plan_memory(model, blocks=end - start)
-        sessions = SessionRegistry(memory.cache_tokens, self.metrics)
-        announcer = Announcer(dht, model, sessions, start, end, self.dtype, settings.quant, settings.public_name,
-                              settings.announce_period)
+        sessions, load = SessionRegistry(memory.cache_tokens, self.metrics), PeerLoad()
+        announcer = Announcer(dht, model, sessions, load, start, end, self.dtype, settings.quant, settings.public_name,
+                              settings.announce_period, throughput_key(model.dht_prefix, self.device, self.dtype,
+                                                                       settings.quant, self.threads))
         await announcer.announce(PeerState.joining)
         logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix}) on {self.device} "
                     f"({self.threads} threads) in {self.dtype}"
@@ -123,13 +125,13 @@ class Peer:
             await _announce_offline(announcer)
             return
         scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait,
-                                  self.metrics, self.device)
+                                  self.metrics, load, self.device)
         pusher = Pusher(dht.p2p, self.metrics)
         service = PeerService(span, sessions, scheduler, pusher, announcer, self.metrics, settings.session_idle_timeout)
         await service.register(dht.p2p)
         await announcer.announce(PeerState.online, throughput)
         tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service)),
-                 asyncio.create_task(self._follow_core_share())]
+                 asyncio.create_task(self._follow_core_share(service))]
         print(f"ready: serving {model.name} blocks {start}:{end} as {dht.peer_id} "
               f"({throughput:.1f} block-steps/s)", flush=True)
 
@@ -143,16 +145,25 @@ class Peer:
         await scheduler.close()
         pusher.close()
 
-    async def _follow_core_share(self) -> None:
-        """Keep the compute thread at this peer's share of the host's cores as peers start and stop beside it."""
+    async def _follow_core_share(self, service: PeerService) -> None:
+        """Keep the compute thread at this peer's share of the host's cores as peers start and stop beside it,
+        and announce the throughput of that many threads (measured, or known from the cache)."""
+        loop = asyncio.get_running_loop()
         while self.cores is not None:
             await asyncio.sleep(RECHECK_SECONDS)
             threads = self.cores.threads()
-            if threads != self.threads:
-                await asyncio.get_running_loop().run_in_executor(self.compute, torch.set_num_threads, threads)
-                logger.info(f"{self.cores.peers()} peers share this host's {self.cores.cores} cores: "
-                            f"computing on {threads} threads (was {self.threads})")
-                self.threads = threads
+            if threads == self.threads:
+                continue
+            await loop.run_in_executor(self.compute, torch.set_num_threads, threads)
+            logger.info(f"{self.cores.peers()} peers share this host's {self.cores.cores} cores: "
+                        f"computing on {threads} threads (was {self.threads})")
+            self.threads = threads
+            throughput = await loop.run_in_executor(self.compute, measure_throughput, service.span)
+            key = throughput_key(service.span.model.dht_prefix, self.device, self.dtype, self.settings.quant, threads)
+            try:
+                await service.announcer.rethreaded(throughput, key)
+            except Exception as e:
+                logger.warning(f"announcement failed, will retry: {e}")
 
     async def _serve_metrics(self) -> asyncio.Server:
         assert self.settings.metrics_port is not None

@@ -1,9 +1,10 @@
 """How fast this peer runs a decode step, measured once per model, device, precision and hardware, then cached."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from filelock import FileLock
@@ -17,26 +18,44 @@ WARMUP_STEPS, MEASURED_STEPS = 2, 8
 
 def measure_throughput(span: Span) -> float:
     """Decode steps per second through ONE block, so peers with different span sizes compare."""
-    key = measurement_key("throughput", span.model.dht_prefix, span.device, str(span.dtype).removeprefix("torch."),
-                          span.quant)
+    key = throughput_key(span.model.dht_prefix, span.device, str(span.dtype).removeprefix("torch."), span.quant,
+                         torch.get_num_threads())  # called on the compute thread: its own thread count
     return cached(key, lambda: measure_steps(span))
 
 
-def measurement_key(kind: str, dht_prefix: str, device: torch.device, *settings: str) -> str:
+def throughput_key(dht_prefix: str, device: torch.device, dtype: str, quant: str, threads: int) -> str:
+    return measurement_key("throughput", dht_prefix, device, dtype, quant, threads=threads)
+
+
+def measurement_key(kind: str, dht_prefix: str, device: torch.device, *settings: str, threads: int) -> str:
     """What a measured speed depends on: the model, device, settings, thread count and hardware."""
-    return ":".join([kind, dht_prefix, str(device), *settings, str(torch.get_num_threads()), hardware(device)])
+    return ":".join([kind, dht_prefix, str(device), *settings, str(threads), hardware(device)])
 
 
 def cached(key: str, measure: Callable[[], Any]) -> Any:
     """The value stored under `key`, measured and stored first if there is none; shared by the host's peers."""
+    with _stored() as stored:
+        if key not in stored:
+            stored[key] = measure()
+        return stored[key]
+
+
+def store(key: str, value: Any) -> None:
+    """Replace a stored measurement: the peer observed another figure while serving."""
+    with _stored() as stored:
+        stored[key] = value
+
+
+@contextlib.contextmanager
+def _stored() -> Iterator[dict[str, Any]]:
     path = data_dir() / "throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         stored = json.loads(path.read_text()) if path.is_file() else {}
-        if key not in stored:
-            stored[key] = measure()
+        before = dict(stored)
+        yield stored
+        if stored != before:
             path.write_text(json.dumps(stored, indent=1))
-    return stored[key]
 
 
 def measure_steps(span: Span) -> float:

@@ -45,6 +45,16 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Load(_Record):
+    """How busy a peer is right now, so clients spread new sessions over replicas (client/route.py)."""
+
+    sessions: int = Field(ge=0, le=1_000_000, description="open sessions")
+    queued: int = Field(ge=0, le=1_000_000, description="steps waiting for a pass")
+    step_seconds: float | None = Field(default=None, ge=0, le=3600,
+                                       description="recent decode passes, seconds per block; none lately: null")
+    at: float = Field(description="DHT time it was measured")
+
+
 class BlockAnnouncement(_Record):
     """Stored under `<dht prefix>.<block>` for every block a peer serves, subkey = its peer id (signed)."""
 
@@ -58,6 +68,7 @@ class BlockAnnouncement(_Record):
     public_name: str | None = Field(default=None, max_length=64)
     dtype: DTypeName
     quant: QuantName = "none"
+    load: Load | None = None
 
     @model_validator(mode="after")
     def _span_is_not_empty(self) -> "BlockAnnouncement":

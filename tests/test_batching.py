@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from peer.load import PeerLoad
 from peer.metrics import PeerMetrics
 from peer.scheduler import StepScheduler
 from swarm.reference import resolve_model
@@ -35,7 +36,7 @@ def sessions(span: Span, batch_sizes: list[int], seed: int = 0):
 
 
 def new_scheduler(max_rows: int, max_tokens: int, max_wait: float) -> StepScheduler:
-    return StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows, max_tokens, max_wait, PeerMetrics())
+    return StepScheduler(ThreadPoolExecutor(max_workers=1), max_rows, max_tokens, max_wait, PeerMetrics(), PeerLoad())
 
 
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
