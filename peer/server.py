@@ -55,6 +55,9 @@ class Peer:
         self.compute = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="compute", initializer=torch.set_num_threads, initargs=(self.threads,)
         )
+        # one thread: its tensor work (casts, quantizing) must not take the cores from the compute thread
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load", initializer=torch.set_num_threads,
+                                         initargs=(1,))
         self.device = check_device(settings.device)
         self.metrics = PeerMetrics()
         self.stopping = asyncio.Event()
@@ -95,6 +98,7 @@ class Peer:
             except Exception as e:
                 logger.warning(f"p2p daemon did not shut down cleanly: {e!r}")
             self.compute.shutdown(wait=False, cancel_futures=True)
+            self.loader.shutdown(wait=False, cancel_futures=True)
             if self.cores is not None:
                 self.cores.close()
 
@@ -191,8 +195,12 @@ class Peer:
         start = best_start(Coverage.from_records(blocks, exclude=str(dht.peer_id)), length)
         return start, min(start + length, model.num_blocks)
 
-    async def _load(self, model: ResolvedModel, start: int, end: int) -> Span:
-        """The span's blocks, read one by one; raises LoadStopped soon after a stop signal."""
+    async def _load(self, model: ResolvedModel, start: int, end: int, serving: bool = False) -> Span:
+        """The span's blocks, read one by one; raises LoadStopped soon after a stop signal.
+
+        While the peer serves (a move), a CPU peer loads on a thread of its own, so the compute thread
+        keeps running the old span's passes; a GPU's compute thread owns the device and loads itself.
+        """
         with Progress(transient=True) as progress:
             task = progress.add_task(f"loading blocks {start}:{end}", total=end - start)
 
@@ -202,7 +210,7 @@ class Peer:
                 progress.advance(task)
 
             span = await asyncio.get_running_loop().run_in_executor(
-                self.compute,
+                self.loader if serving and self.device.type == "cpu" else self.compute,
                 lambda: Span(model, start, end, self.dtype, str(self.device), on_block_loaded=loaded,
                              quant=self.settings.quant, cache_dtype=self.settings.cache_dtype),
             )
@@ -210,8 +218,9 @@ class Peer:
         return span
 
     async def _watch_swarm(self, model: ResolvedModel, dht: SwarmDHT, service: PeerService) -> None:
-        """Log who else serves the model; with automatic placement, move to uncovered blocks when this
-        peer only duplicates others and no session is open here."""
+        """Log who else serves the model; with automatic placement, move to uncovered or hot blocks when this
+        peer only duplicates others and no session is open here. Sessions that open while the new blocks
+        load keep the old span (each holds its own) until they close."""
         announcer = service.announcer
         while True:
             await asyncio.sleep(self.settings.rebalance_period)
@@ -226,8 +235,9 @@ class Peer:
                 if new_start is None or service.sessions.sessions:
                     continue
                 new_end = new_start + (old_end - old_start)
-                logger.info(f"moving from blocks {old_start}:{old_end} to {new_start}:{new_end} to fill a gap")
-                service.span = await self._load(model, new_start, new_end)
+                reason = "fill a gap" if any(n == 0 for n in coverage.peers) else "serve hotter blocks"
+                logger.info(f"moving from blocks {old_start}:{old_end} to {new_start}:{new_end} to {reason}")
+                service.span = await self._load(model, new_start, new_end, serving=True)
                 await announcer.move(new_start, new_end)
             except Exception as e:
                 logger.warning(f"rebalancing check failed: {e!r}")

@@ -55,6 +55,18 @@ def test_placement_prefers_gaps_and_moves_only_into_gaps():
     assert should_move(sole, 0, 10) is None  # never drop the only copy
 
 
+def test_an_idle_duplicate_moves_towards_hot_blocks_but_never_off_a_sole_copy():
+    peers, speed = [1] * 30, [100.0] * 30
+    cold_here = Coverage(peers, speed, [0] * 10 + [0] * 10 + [6] * 10)  # 6 sessions on blocks 20:30's one peer
+    assert should_move(cold_here, 0, 10) == 20  # there: 6 / 2 per replica with me, here 0
+    mild = Coverage(peers, speed, [2] * 10 + [0] * 10 + [3] * 10)
+    assert should_move(mild, 0, 10) is None  # 1.5 against 1 per replica: not worth a move
+    idle = Coverage(peers, speed, [0] * 30)
+    assert should_move(idle, 0, 10) is None  # no session anywhere: stay
+    sole = Coverage([0] * 10 + [1] * 20, speed, [0] * 20 + [9] * 10)
+    assert should_move(sole, 0, 10) is None  # hot elsewhere, but nobody else serves 0:10
+
+
 def test_validator_refuses_unsigned_and_malformed_records():
     validator = RecordSchemaValidator()
     good = msgpack.packb(peer(0, 3).model_dump(mode="json"))
