@@ -1,7 +1,7 @@
 """Churn soak: peers stop, die and come back at random while clients generate without pause.
 
     python -m benchmarks.churn --minutes 20                 # the figures in docs/performance.md
-    python -m benchmarks.churn --minutes 1 --json out.json  # the short run tests/test_churn.py makes
+    python -m benchmarks.churn --minutes 1 --json out.json  # a short run (~2 min)
 
 A fixed peer serves the whole model (it is also everyone's entry to the DHT); two replicas of each
 half of the blocks churn: every few seconds one of them gets SIGTERM or SIGKILL, or a stopped one
