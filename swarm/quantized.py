@@ -85,8 +85,7 @@ class Int4Linear(QuantizedLinear):
                      bias: torch.Tensor | None = None) -> "Int4Linear":
         """A GGUF Q4_0/Q4_1 tensor as stored: quants [out, in/32, 16] bytes holding element j in the low and
         j + 16 in the high nibble of byte j, d and m [out, in/32] (Q4_0: m = -8 d); w = q d + m."""
-        out_features = quants.shape[0]
-        values = torch.cat([quants & 0x0F, quants >> 4], dim=-1).view(out_features, -1)
+        values = _gguf_q4_values(quants).flatten(-2)
         d, m = d.float(), m.float()
         return cls(values, d, m + 8 * d, bias)
 
@@ -140,8 +139,12 @@ def _quantize_linears(layer: nn.Module, state: dict[str, torch.Tensor], quant: Q
 
 def dequantize_gguf_q4(quants: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The float32 weight of a GGUF Q4 tensor, computed as gguf-py does (q d + m in float32)."""
-    values = torch.cat([quants & 0x0F, quants >> 4], dim=-1).float()
-    return (d.float()[..., None] * values + m.float()[..., None]).flatten(-2)
+    return (d.float()[..., None] * _gguf_q4_values(quants).float() + m.float()[..., None]).flatten(-2)
+
+
+def _gguf_q4_values(quants: torch.Tensor) -> torch.Tensor:
+    """[out, in/32, 32] 4-bit values of a Q4 tensor's [out, in/32, 16] bytes: element j low, j + 16 high nibble."""
+    return torch.cat([quants & 0x0F, quants >> 4], dim=-1)
 
 
 def _dequantized(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
