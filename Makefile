@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast typecheck browser clean
+.PHONY: demo test test-fast typecheck browser netrig clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m client.demo
 
-test: typecheck browser
+test: typecheck browser netrig
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)  # no peer processes, no default-model weights: seconds
@@ -31,6 +31,11 @@ browser:  # the console's test drives Debian's chromium; installed when missing 
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "could not install chromium and chromium-driver: the console's browser test will be skipped"
+
+netrig:  # the network tests build hosts in namespaces with NAT routers: iproute2 and iptables (needs root, as in CI)
+	@command -v ip >/dev/null && command -v iptables >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; } || \
+	  echo "could not install iproute2 and iptables: the network rig's tests will be skipped"
 
 clean:
 	rm -rf $(VENV) *.egg-info

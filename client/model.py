@@ -7,8 +7,6 @@ import threading
 from typing import Generator, Iterator
 
 import torch
-from hivemind.p2p import PeerID
-from hivemind.proto import runtime_pb2
 from transformers import GenerationConfig
 
 from client import loop
@@ -164,8 +162,7 @@ class DistributedModelForCausalLM:
         return hidden
 
     async def _call_forward(self, peer_id: str, request):
-        responses = await self.dht.p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer_id), protocol.FORWARD, request, runtime_pb2.ExpertResponse)
+        responses = await self.dht.iterate(peer_id, protocol.FORWARD, request, await self.view.reach(peer_id))
         return protocol.unpack_response(await anext(responses))
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import torch
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +40,7 @@ class HopStream:
 
     def __init__(self, hop: Hop, placement: Placement | None = None):
         self.hop, self.placement = hop, placement  # the placement counts this stream in the peer's load until closed
+        self.relay: str | None = None  # the relay this stream goes through, for a peer behind NAT
         self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
         self.steps = 0  # steps this peer has answered: the number of the next one
         self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
@@ -55,13 +55,10 @@ class HopStream:
             session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=max_length, batch_size=batch_size
         )
         self._queue.put_nowait(protocol.pack_request(message))
+        self.relay = await view.reach(self.hop.peer_id)
         try:
             self._responses = await asyncio.wait_for(
-                view.dht.p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.hop.peer_id), protocol.INFERENCE, requests(), runtime_pb2.ExpertResponse
-                ),
-                timeout,
-            )
+                view.dht.iterate(self.hop.peer_id, protocol.INFERENCE, requests(), self.relay), timeout)
         except Exception as e:
             raise HopFailed(f"cannot reach peer {self.hop.peer_id[-8:]}: {e or type(e).__name__}") from None
         await self._receive(protocol.Opened, timeout)
@@ -82,7 +79,8 @@ class HopStream:
         pushed this input here, `send=False` only waits for the answer.
         """
         if send:
-            targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps) for s in next_streams]
+            targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps, relay=s.relay)
+                       for s in next_streams]
             request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets, trace_id=trace_id)
             self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
         message, tensors = await self._receive(protocol.StepResult, timeout, probe)
@@ -128,7 +126,7 @@ class HopStream:
                 done, _ = await asyncio.wait({reply}, timeout=interval)
                 if done:
                     return reply.result()
-                if probe is not None and not await probe(self.hop.peer_id):
+                if probe is not None and not await probe(self.hop.peer_id, self.relay):
                     raise HopFailed(f"peer {self.hop.peer_id[-8:]} stopped answering (liveness probe failed)")
         finally:
             reply.cancel()
@@ -185,8 +183,8 @@ class Probe:
     after: float
     timeout: float
 
-    async def __call__(self, peer_id: str) -> bool:
-        return await self.view.dht.ping(peer_id, self.timeout) is not None
+    async def __call__(self, peer_id: str, relay: str | None) -> bool:
+        return await self.view.dht.ping(peer_id, self.timeout, relay) is not None
 
 
 @dataclass
@@ -277,7 +275,8 @@ class InferenceSession:
                 if retries > self.settings.max_retries:
                     raise RouteError(f"gave up on blocks {stream.hop.start}:{stream.hop.end} after {retries - 1} reroutes: {e}") from None
                 logger.warning(f"{e}; rerouting blocks {stream.hop.start}:{stream.hop.end}")
-                self.bans.ban(stream.hop.peer_id)
+                if e.code != "relay":  # a relay's limit says nothing about the peer: it may serve the new stream
+                    self.bans.ban(stream.hop.peer_id)
                 stream.close()
                 await self._replace(index)
                 continue

@@ -133,11 +133,17 @@ class SwarmView:
                     (float("inf"), now - self.rtt_ttl * 0.8)
         return {p: self._rtt[p][0] for p in peer_ids if p in self._rtt}
 
+    async def reach(self, peer_id: str) -> str | None:
+        """The relay to call PEER_ID through if it is behind NAT (swarm/dht.py), else None."""
+        record = next((block[peer_id] for block in self.blocks if peer_id in block), None)
+        return None if record is None else await self.dht.relay_to(record.announcement, PING_TIMEOUT)
+
     async def _fastest_ping(self, peer_id: str) -> float | None:
         """The fastest of PING_SAMPLES info calls in a row: each also waits for the peer's busy event loop."""
+        relay = await self.reach(peer_id)
         fastest: float | None = None
         for _ in range(PING_SAMPLES):
-            rtt = await self.dht.ping(peer_id, PING_TIMEOUT)
+            rtt = await self.dht.ping(peer_id, PING_TIMEOUT, relay)
             if rtt is None:
                 return fastest
             fastest = rtt if fastest is None else min(fastest, rtt)

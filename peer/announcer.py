@@ -14,6 +14,7 @@ from hivemind.utils import get_dht_time
 
 import swarm
 from peer.load import PeerLoad
+from peer.reachability import Reach
 from peer.sessions import SessionRegistry
 from peer.throughput import store
 from swarm.dht import SwarmDHT
@@ -32,8 +33,9 @@ class Announcer:
     """What this peer says about itself: its span, state and throughput, with the free cache read at each announcement."""
 
     def __init__(self, dht: SwarmDHT, model: ResolvedModel, sessions: SessionRegistry, load: PeerLoad, start: int,
-                 end: int, dtype: DTypeName, quant: QuantName, public_name: str | None, period: float, throughput_key: str):
-        self.dht, self.model, self.sessions, self.load = dht, model, sessions, load
+                 end: int, dtype: DTypeName, quant: QuantName, public_name: str | None, period: float, throughput_key: str,
+                 reach: Reach):
+        self.dht, self.model, self.sessions, self.load, self.reach = dht, model, sessions, load, reach
         self.throughput_key = throughput_key
         self.announced_load: Load | None = None
         self.start, self.end = start, end
@@ -53,6 +55,8 @@ class Announcer:
             dtype=self.dtype,
             quant=self.quant,
             load=self.current_load(),
+            relays=self.reach.relays,
+            maddrs=self.reach.maddrs,
         )
 
     def current_load(self) -> Load:

@@ -51,6 +51,13 @@ def serve(
     max_batch_wait: Optional[float] = typer.Option(None, help="Seconds a pass may wait for steps of sessions due here (default: 0.1)."),
     metrics_port: Optional[int] = typer.Option(
         None, help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: off)."),
+    relay_streams: Optional[int] = typer.Option(
+        None, help="When reachable, relay this many streams at once for each peer behind NAT (0: relay for nobody; "
+                   "default: 16)."),
+    relay_time_limit: Optional[float] = typer.Option(
+        None, help="Seconds a relayed stream may last before this relay ends it (default: 1800)."),
+    relay_data_limit: Optional[int] = typer.Option(
+        None, help="MiB a relayed stream may carry before this relay ends it (default: 4096)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with any of these settings (flags win over it)."),
 ) -> None:
     """Load blocks of a model, announce them in the DHT, and serve inference sessions until SIGTERM."""

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from hivemind.p2p import P2P, PeerID
-from hivemind.proto import runtime_pb2
-
 from peer.metrics import PeerMetrics
 from swarm import protocol
+from swarm.dht import SwarmDHT
 
 logger = logging.getLogger(__name__)
 PUSH_TIMEOUT = 10.0
@@ -35,9 +33,10 @@ class _Queued:
 
 
 class Pusher:
-    def __init__(self, p2p: P2P, metrics: PeerMetrics):
-        self.p2p, self.metrics = p2p, metrics
+    def __init__(self, dht: SwarmDHT, metrics: PeerMetrics):
+        self.dht, self.metrics = dht, metrics
         self._queued: dict[str, list[_Queued]] = {}  # by next peer
+        self._relays: dict[str, str | None] = {}  # by next peer: the relay to push to one behind NAT through
         self._calls: set[asyncio.Task] = set()  # in flight, kept so they are not garbage-collected
 
     def push(self, targets: list[protocol.NextHop], hidden: torch.Tensor, mask: torch.Tensor | None,
@@ -51,6 +50,7 @@ class Pusher:
         if queued.bytes > protocol.MAX_PUSH_BYTES:  # a prefill chunk: the client sends it
             queued.accepted.set_result(False)
             return queued.accepted
+        self._relays[target.peer_id] = target.relay
         waiting = self._queued.setdefault(target.peer_id, [])
         if not waiting:  # the other steps of this pass resume before this callback runs, and queue theirs
             loop.call_soon(self._send_queued, target.peer_id)
@@ -67,8 +67,8 @@ class Pusher:
         request = protocol.pack_request(protocol.Push(items=[q.item for q in chunk]), *(t for q in chunk for t in q.tensors))
         accepted = [False] * len(chunk)
         try:
-            reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                PeerID.from_base58(peer_id), protocol.PUSH, request, runtime_pb2.ExpertResponse), PUSH_TIMEOUT)
+            reply = await asyncio.wait_for(self.dht.call(peer_id, protocol.PUSH, request, self._relays.get(peer_id)),
+                                           PUSH_TIMEOUT)
             message, _ = protocol.unpack_response(reply)
             if isinstance(message, protocol.PushReply) and len(message.accepted) == len(chunk):
                 accepted = message.accepted

@@ -19,6 +19,8 @@ from peer.metrics import PeerMetrics, serve_metrics
 from peer.placement import Coverage, best_start, should_move
 from peer.precision import choose_dtype
 from peer.push import Pusher
+from peer.reachability import MAX_RELAYS, Reach, check_reachability, serve_checks
+from peer.relay import RelayLimits, RelayService, keep_connected
 from peer.rpc import PeerService
 from peer.scheduler import StepScheduler
 from peer.sessions import SessionRegistry
@@ -35,6 +37,7 @@ from swarm.span import Span
 from swarm.weights import check_span
 
 logger = logging.getLogger("swarm-serve")
+RELAY_KEEPALIVE = 10.0  # seconds between calls that keep a peer behind NAT connected to its relays
 
 
 class LoadStopped(Exception):
@@ -81,15 +84,9 @@ class Peer:
         else:
             self.dtype = await loop.run_in_executor(self.compute, choose_dtype, model, self.device, settings.quant)
         exporter = None if settings.metrics_port is None else await self._serve_metrics()  # a taken port fails now
-        dht = await SwarmDHT.create(
-            settings.initial_peers,
-            host=settings.host,
-            port=settings.port,
-            announce_maddrs=settings.announce_maddrs,
-            identity_path=str(settings.identity) if settings.identity else None,
-        )
+        dht, reach = await self._join()
         try:
-            await self._serve(model, dht)
+            await self._serve(model, dht, reach)
         finally:
             if exporter is not None:
                 exporter.close()
@@ -102,17 +99,54 @@ class Peer:
             if self.cores is not None:
                 self.cores.close()
 
-    async def _serve(self, model: ResolvedModel, dht: SwarmDHT) -> None:
+    async def _join(self) -> tuple[SwarmDHT, Reach]:
+        """Join the DHT and learn whether strangers can connect to us. A reachable peer relays for peers behind
+        NAT; one behind NAT joins again as a DHT client (nobody could dial it) and is reached through the
+        relays among the peers it joined through. Nobody to check us (a new swarm): taken as reachable."""
+        settings = self.settings
+        identity = str(settings.identity) if settings.identity else None
+        dht = await SwarmDHT.create(settings.initial_peers, host=settings.host, port=settings.port,
+                                    announce_maddrs=settings.announce_maddrs, identity_path=identity)
+        relaying = settings.relay_streams > 0
+        await serve_checks(dht.p2p, relays=relaying)
+        maddrs = await dht.visible_maddrs()
+        verdict = await check_reachability(dht, settings.initial_peers, maddrs)
+        if verdict.reachable or verdict.reachable is None:
+            how = f"checked by {verdict.checked_by[-8:]}" if verdict.checked_by else \
+                "the first peer of a new swarm" if settings.new_swarm else "no peer could check it"
+            if relaying:
+                limits = RelayLimits(settings.relay_streams, settings.relay_time_limit, settings.relay_data_limit)
+                await RelayService(dht, limits).register(dht.p2p)
+            logger.info(f"reachable directly ({how})"
+                        f"{f', relays for peers behind NAT ({settings.relay_streams} streams each)' if relaying else ''}")
+            return dht, Reach(relays=[], maddrs=maddrs[:8])
+        await dht.shutdown()
+        if not verdict.relays:
+            raise SwarmError(
+                f"nobody can reach this peer at {', '.join(maddrs)} (behind NAT or a firewall), and none of the peers "
+                "it joined through relays for others. Forward a port to it and pass --announce-maddrs "
+                "/ip4/PUBLIC_IP/tcp/PORT, or join through a reachable peer that relays (--relay-streams > 0)")
+        relays = verdict.relays[:MAX_RELAYS]
+        dht = await SwarmDHT.create(relays, host=settings.host, port=settings.port, identity_path=identity,
+                                    client_mode=True)
+        relay_ids = [m.rsplit("/p2p/", 1)[1] for m in relays]
+        logger.info(f"not reachable directly (behind NAT or a firewall): others reach this peer through "
+                    f"{len(relay_ids)} relay(s): {', '.join(r[-8:] for r in relay_ids)}")
+        return dht, Reach(relays=relay_ids, maddrs=relays)
+
+    async def _serve(self, model: ResolvedModel, dht: SwarmDHT, reach: Reach) -> None:
         settings, loop = self.settings, asyncio.get_running_loop()
         for maddr in await dht.visible_maddrs():
             print(f"listening on {maddr}", flush=True)
+        for relay in reach.maddrs if not reach.direct else []:
+            print(f"reached through relay {relay}", flush=True)
         start, end = settings.span or await self._choose_span(model, dht)
         check_span(model, start, end)
         memory = self._plan_memory(model, blocks=end - start)
         sessions, load = SessionRegistry(memory.cache_tokens, self.metrics), PeerLoad()
         announcer = Announcer(dht, model, sessions, load, start, end, self.dtype, settings.quant, settings.public_name,
                               settings.announce_period, throughput_key(model.dht_prefix, self.device, self.dtype,
-                                                                       settings.quant, self.threads))
+                                                                       settings.quant, self.threads), reach)
         await announcer.announce(PeerState.joining)
         logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix}) on {self.device} "
                     f"({self.threads} threads) in {self.dtype}"
@@ -130,12 +164,14 @@ class Peer:
             return
         scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait,
                                   self.metrics, load, self.device)
-        pusher = Pusher(dht.p2p, self.metrics)
+        pusher = Pusher(dht, self.metrics)
         service = PeerService(span, sessions, scheduler, pusher, announcer, self.metrics, settings.session_idle_timeout)
         await service.register(dht.p2p)
         await announcer.announce(PeerState.online, throughput)
         tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service)),
                  asyncio.create_task(self._follow_core_share(service))]
+        if not reach.direct:
+            tasks.append(asyncio.create_task(keep_connected(dht, reach.relays, RELAY_KEEPALIVE)))
         print(f"ready: serving {model.name} blocks {start}:{end} as {dht.peer_id} "
               f"({throughput:.1f} block-steps/s)", flush=True)
 

@@ -46,6 +46,10 @@ class PeerSettings(BaseModel):
         default=0.1, ge=0, description="seconds a pass may wait for the steps of sessions due on this peer"
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics on this port")
+    relay_streams: int = Field(default=16, ge=0, le=1024,
+                               description="relayed streams per peer behind NAT, if reachable; 0: relay for nobody")
+    relay_time_limit: float = Field(default=1800.0, gt=0, description="seconds one relayed stream may last")
+    relay_data_limit: int = Field(default=4096, gt=0, description="MiB one relayed stream may carry")
 
     @field_validator("blocks")
     @classmethod

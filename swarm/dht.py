@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
@@ -13,6 +14,8 @@ from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.asyncio import asingle
 
 from swarm import protocol
 from swarm.errors import SwarmError
@@ -28,6 +31,8 @@ from swarm.records import (
     peer_id_of_subkey,
 )
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class PeerRecord:
@@ -39,7 +44,13 @@ class PeerRecord:
 
 
 class SwarmDHT:
-    """A DHT node in our swarm: its own p2pd, our record validators, and typed reads and writes."""
+    """A DHT node in our swarm: its own p2pd, our record validators, and typed reads and writes.
+
+    Calls to a peer behind NAT go through a relay peer (peer/relay.py): the relay forwards them over
+    the connection that peer keeps open to it. p2pd's own circuit relay is not used: the daemon
+    hivemind ships resets a relayed connection after 128 KiB whatever its flags say, less than
+    one prefill of a small model (docs/operations.md).
+    """
 
     def __init__(self, p2p: P2P, node: DHTNode, signer: RSASignatureValidator):
         self.p2p, self.node, self.signer = p2p, node, signer
@@ -94,7 +105,39 @@ class SwarmDHT:
         return f"{prefix}{self.peer_id}{self.signer.local_public_key.decode()}"
 
     async def visible_maddrs(self) -> list[str]:
-        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+        return [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
+
+    async def relay_to(self, record: BlockAnnouncement, timeout: float) -> str | None:
+        """The relay to call a peer behind NAT through (None: call it directly), connected to. Our daemon's
+        own routing is off: a relay is found only at the addresses the record gives (`.../p2p/RELAY`).
+        A failure to connect shows in the call that follows."""
+        if not record.relays:
+            return None
+        relay = record.relays[0]
+        addresses = [Multiaddr(m.rpartition("/p2p/")[0]) for m in record.maddrs if m.endswith(f"/p2p/{relay}")]
+        try:
+            await asyncio.wait_for(self.p2p._client.connect(PeerID.from_base58(relay), addresses), timeout)
+        except Exception as e:
+            logger.debug(f"cannot connect to relay {relay[-8:]}: {e!r}")
+        return relay
+
+    async def iterate(self, peer_id: str, rpc: str, requests: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
+                      relay: str | None = None) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """The responses of a streaming RPC of a peer, called through RELAY (a peer id) if the peer is behind NAT."""
+        if relay is None:
+            return await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), rpc, requests,
+                                                           runtime_pb2.ExpertResponse)
+        opening = protocol.pack_request(protocol.RelayOpen(target=peer_id, rpc=rpc))
+        return await self.p2p.iterate_protobuf_handler(PeerID.from_base58(relay), protocol.RELAY,
+                                                       _after(opening, requests), runtime_pb2.ExpertResponse)
+
+    async def call(self, peer_id: str, rpc: str, request: runtime_pb2.ExpertRequest,
+                   relay: str | None = None) -> runtime_pb2.ExpertResponse:
+        """The response of a unary RPC of a peer, called through RELAY if the peer is behind NAT."""
+        if relay is None:
+            return await self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc, request,
+                                                        runtime_pb2.ExpertResponse)
+        return await asingle(await self.iterate(peer_id, rpc, request, relay))
 
     async def announce_blocks(self, dht_prefix: str, record: BlockAnnouncement, expiration_time: float) -> None:
         keys = [block_key(dht_prefix, i) for i in range(record.start, record.end)]
@@ -141,17 +184,12 @@ class SwarmDHT:
                     models[record.dht_prefix] = record
         return sorted(models.values(), key=lambda m: m.name)
 
-    async def ping(self, peer_id: str, timeout: float) -> float | None:
+    async def ping(self, peer_id: str, timeout: float, relay: str | None = None) -> float | None:
         """Seconds an `info` call takes to come back, or None: a peer the DHT lists may be dead or unreachable."""
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                self.p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer_id), protocol.INFO,
-                    protocol.pack_request(protocol.InfoRequest()), runtime_pb2.ExpertResponse,
-                ),
-                timeout,
-            )
+            await asyncio.wait_for(self.call(peer_id, protocol.INFO, protocol.pack_request(protocol.InfoRequest()), relay),
+                                   timeout)
         except Exception:
             return None
         return time.perf_counter() - started
@@ -159,6 +197,16 @@ class SwarmDHT:
     async def shutdown(self) -> None:
         await self.node.shutdown()
         await self.p2p.shutdown()
+
+
+async def _after(first: runtime_pb2.ExpertRequest, rest: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest]
+                 ) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    yield first
+    if isinstance(rest, runtime_pb2.ExpertRequest):
+        yield rest
+    else:
+        async for request in rest:
+            yield request
 
 
 _SPAWN = asyncio.subprocess.create_subprocess_exec

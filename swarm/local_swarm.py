@@ -48,12 +48,15 @@ class PeerProcess:
         return self.process.wait()
 
 
-def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = None) -> PeerProcess:
-    """Run `swarm-serve ARGS` without waiting for it: its stdout lines arrive in `lines`, its stderr goes to LOG_DIR/NAME.log."""
+def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = None,
+                netns: str | None = None) -> PeerProcess:
+    """Run `swarm-serve ARGS` without waiting for it: its stdout lines arrive in `lines`, its stderr goes to
+    LOG_DIR/NAME.log. With NETNS, it runs in that network namespace (tests/network_rig.py)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
+    inside = ["ip", "netns", "exec", netns] if netns else []
     process = subprocess.Popen(  # its own session: a group signal meant for us is not its stop
-        [sys.executable, "-m", "peer.cli", *args],
+        [*inside, sys.executable, "-m", "peer.cli", *args],
         start_new_session=True,
         preexec_fn=die_with_parent,
         stdout=subprocess.PIPE,
@@ -68,9 +71,10 @@ def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = No
     return peer
 
 
-def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, env: dict | None = None) -> PeerProcess:
+def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, env: dict | None = None,
+               netns: str | None = None) -> PeerProcess:
     """Run `swarm-serve ARGS` and return once it printed `ready`; its stderr goes to LOG_DIR/NAME.log."""
-    peer = launch_peer(args, log_dir, name, env)
+    peer = launch_peer(args, log_dir, name, env, netns)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -18,10 +18,15 @@ INFERENCE = "swarm.inference"  # bidirectional stream: one session
 FORWARD = "swarm.forward"  # one request, one response: a whole sequence, no cache
 INFO = "swarm.info"  # unary: what a peer serves and how loaded it is
 PUSH = "swarm.push"  # unary: a peer hands its output straight to the next hop of a client's route
+REACHABILITY = "swarm.reachability"  # unary: a joining peer asks whether strangers can connect to it
+RELAY = "swarm.relay"  # bidirectional stream: RelayOpen, then one of the calls above for a peer behind NAT
+UNARY = {INFO, PUSH, REACHABILITY}  # the others stream their responses
 
 MAX_PUSH_BYTES = 1024**2  # per push call; a larger output is not pushed (unary calls are capped at 4 MiB)
 MAX_NEXT_HOPS = 64
 MAX_PUSH_ITEMS = 256  # steps in one push call
+MAX_CHECKED_ADDRS = 4  # addresses one reachability check tries
+MAX_MADDR_CHARS = 300
 
 MAX_BATCH = 64
 MAX_LENGTH = 65_536  # positions in one session
@@ -55,6 +60,7 @@ class NextHop(_Message):
     peer_id: str = Field(min_length=1, max_length=128)
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
+    relay: str | None = Field(default=None, max_length=128, description="the relay that reaches a peer behind NAT")
 
 
 class Step(_Message):
@@ -105,6 +111,29 @@ class InfoRequest(_Message):
     type: Literal["info"] = "info"
 
 
+class ReachabilityCheck(_Message):
+    """Asks a peer to open a TCP connection to each address, as a stranger would (each `/ip4/A/tcp/P`)."""
+
+    type: Literal["reachability_check"] = "reachability_check"
+    maddrs: list[Annotated[str, Field(max_length=MAX_MADDR_CHARS)]] = Field(min_length=1, max_length=MAX_CHECKED_ADDRS)
+
+
+class RelayOpen(_Message):
+    """First message to a relay: forward the rest of this stream to RPC of TARGET, and its responses back."""
+
+    type: Literal["relay"] = "relay"
+    target: str = Field(min_length=1, max_length=128)
+    rpc: Literal["swarm.inference", "swarm.forward", "swarm.info", "swarm.push"]
+
+
+class Reachability(_Message):
+    """The addresses of a check that a connection reached, and whether the checker relays for peers behind NAT."""
+
+    type: Literal["reachability"] = "reachability"
+    reachable: list[str]
+    relays: bool
+
+
 class PushReply(_Message):
     """Reply to a push: per item, whether it was queued as its session's next step (the result goes to
     the client's stream). Refused: an unknown session, a step that is not the next, bad tensors."""
@@ -128,7 +157,8 @@ class StepResult(_Message):
     pushed: bool = False  # the next hop accepted this output by push: the client need not send it there
 
 
-ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal"]
+ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal",
+                    "relay"]  # relay: a relay ended the stream at its limits, or cannot reach the peer
 
 
 class ErrorReply(_Message):
@@ -162,8 +192,8 @@ class PeerInfo(_Message):
     passes: int = Field(ge=0, description="batched passes those steps took: fewer passes than steps means batching")
 
 
-RequestMessage = Union[OpenSession, Step, ForwardRequest, InfoRequest, Push]
-ResponseMessage = Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo, PushReply]
+RequestMessage = Union[OpenSession, Step, ForwardRequest, InfoRequest, Push, ReachabilityCheck, RelayOpen]
+ResponseMessage = Union[Opened, StepResult, ErrorReply, Leaving, PeerInfo, PushReply, Reachability]
 _REQUEST: TypeAdapter[RequestMessage] = TypeAdapter(Annotated[RequestMessage, Field(discriminator="type")])
 _RESPONSE: TypeAdapter[ResponseMessage] = TypeAdapter(Annotated[ResponseMessage, Field(discriminator="type")])
 

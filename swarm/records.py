@@ -13,6 +13,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from swarm.dtypes import DTypeName, QuantName
+from swarm.protocol import MAX_MADDR_CHARS
 
 REGISTRY_KEY = "swarm-llm.models"  # every model a swarm serves, so tools need not be told their names
 OWNER_MARK = "[owner:"  # how hivemind's signature validator marks a signed subkey
@@ -69,6 +70,10 @@ class BlockAnnouncement(_Record):
     dtype: DTypeName
     quant: QuantName = "none"
     load: Load | None = None
+    relays: list[Annotated[str, Field(max_length=128)]] = Field(
+        default=[], max_length=4, description="peer ids of the relays it is reached through; none: reached directly")
+    maddrs: list[Annotated[str, Field(max_length=MAX_MADDR_CHARS)]] = Field(
+        default=[], max_length=8, description="where to connect to it: relayed addresses for a peer behind NAT")
 
     @model_validator(mode="after")
     def _span_is_not_empty(self) -> "BlockAnnouncement":

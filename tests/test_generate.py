@@ -118,7 +118,7 @@ def test_forward_logits(swarm_model, reference, tokenizer):
     ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
         expected = reference(ids).logits
-    torch.testing.assert_close(swarm_model(ids), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(swarm_model(ids), expected, atol=1e-4, rtol=3e-5)  # float32 sums in other orders
 
 
 @pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split

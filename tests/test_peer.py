@@ -24,6 +24,9 @@ pytestmark = pytest.mark.slow  # starts peer processes
 
 MODEL = resolve_model("smollm2-135m")
 HIDDEN = MODEL.hidden_size
+# A peer sums in another order than this process (its own thread count, rows batched): hidden states
+# near 40 then differ by a few float32 steps. Any real fault is off by far more.
+FLOAT32_SUMS = {"atol": 1e-4, "rtol": 3e-5}
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +86,19 @@ def test_inference_and_forward_match_local_span(swarm, dht, local_span):
     stream = RawStream(dht, swarm.peers[0].peer_id)
     opened, _ = stream.send(protocol.pack_request(OpenSession(session_id="match", start=0, end=10, max_length=16, batch_size=1)))
     assert isinstance(opened, Opened)
-    for i, (inputs, want) in enumerate(zip([prompt, *steps], expected)):
-        reply, tensors = stream.send(protocol.pack_request(Step(session_id="match", step=i), inputs))
-        assert isinstance(reply, StepResult), reply
-        torch.testing.assert_close(tensors[0], want, atol=1e-4, rtol=0)
-    stream.close()
+    try:
+        for i, (inputs, want) in enumerate(zip([prompt, *steps], expected)):
+            reply, tensors = stream.send(protocol.pack_request(Step(session_id="match", step=i), inputs))
+            assert isinstance(reply, StepResult), reply
+            torch.testing.assert_close(tensors[0], want, **FLOAT32_SUMS)
+    finally:
+        stream.close()  # the cache budget test below counts on a free cache
 
     reply, tensors = forward(dht, swarm.peers[0].peer_id, protocol.pack_request(ForwardRequest(start=0, end=10), prompt))
-    torch.testing.assert_close(tensors[0], local_span.forward(prompt), atol=1e-4, rtol=0)
+    torch.testing.assert_close(tensors[0], local_span.forward(prompt), **FLOAT32_SUMS)
     # a hop may use part of a peer's span
     reply, tensors = forward(dht, swarm.peers[1].peer_id, protocol.pack_request(ForwardRequest(start=12, end=14), prompt))
-    torch.testing.assert_close(tensors[0], Span(MODEL, 12, 14).forward(prompt), atol=1e-4, rtol=0)
+    torch.testing.assert_close(tensors[0], Span(MODEL, 12, 14).forward(prompt), **FLOAT32_SUMS)
 
 
 def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
@@ -111,15 +116,15 @@ def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
         target = protocol.NextHop(peer_id=second, session_id="push-b", step=step)
         reply, (middle,) = a.send(protocol.pack_request(Step(session_id="push-a", step=step, next_hops=[target]), x))
         assert reply.pushed
-        torch.testing.assert_close(middle, local_span.forward(x, head_cache), atol=1e-4, rtol=0)
+        torch.testing.assert_close(middle, local_span.forward(x, head_cache), **FLOAT32_SUMS)
         reply, (out,) = b.receive()  # nothing sent to b: the push fed it
         assert isinstance(reply, StepResult) and reply.step == step
-        torch.testing.assert_close(out, tail.forward(middle, tail_cache), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out, tail.forward(middle, tail_cache), **FLOAT32_SUMS)
         b.queue_only(protocol.pack_request(Step(session_id="push-b", step=step), middle))  # the client's late copy
     x = torch.randn(1, 1, HIDDEN)
     reply, (out,) = b.send(protocol.pack_request(Step(session_id="push-b", step=2), x))
     assert reply.step == 2 and reply.length == 6
-    torch.testing.assert_close(out, tail.forward(x, tail_cache), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, tail.forward(x, tail_cache), **FLOAT32_SUMS)
     stale = protocol.NextHop(peer_id=second, session_id="push-b", step=1)
     reply, _ = a.send(protocol.pack_request(Step(session_id="push-a", step=2, next_hops=[stale]), x))
     assert isinstance(reply, StepResult) and not reply.pushed
@@ -166,7 +171,7 @@ def test_bad_input_never_disturbs_other_sessions(swarm, dht, local_span):
         x = torch.randn(1, 1, HIDDEN)
         reply, tensors = bystander.send(protocol.pack_request(Step(session_id="bystander", step=i), x))
         assert isinstance(reply, StepResult), reply
-        torch.testing.assert_close(tensors[0], local_span.forward(x, cache), atol=1e-4, rtol=0)
+        torch.testing.assert_close(tensors[0], local_span.forward(x, cache), **FLOAT32_SUMS)
 
     bystander_step(0)
     victim = RawStream(dht, peer)

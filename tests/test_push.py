@@ -22,10 +22,10 @@ class _Peers:
     def __init__(self):
         self.calls: list[tuple[str, protocol.Push, int]] = []
 
-    async def call_protobuf_handler(self, peer_id, name, request, response_type):
+    async def call(self, peer_id, rpc, request, relay=None):
         message, tensors = protocol.unpack_request(request)
-        self.calls.append((peer_id.to_base58(), message, len(tensors)))
-        if peer_id.to_base58() == PEER_B:
+        self.calls.append((peer_id, message, len(tensors)))
+        if peer_id == PEER_B:
             raise ConnectionError("peer B is gone")
         return protocol.pack_response(protocol.PushReply(accepted=[item.session_id != "gone" for item in message.items]))
 

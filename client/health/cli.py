@@ -54,12 +54,13 @@ def render(report: HealthReport) -> RenderableType:
 
 def _peer_table(peers: list[PeerReport]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column in ("peer", "name", "blocks", "state", "precision", "steps/s", "cache", "version", "rtt"):
+    for column in ("peer", "name", "blocks", "state", "precision", "steps/s", "cache", "version", "reached", "rtt"):
         table.add_column(column, no_wrap=True, justify="right" if column in ("steps/s", "cache", "rtt") else "left")
     styles = {PeerState.online: "green", PeerState.joining: "yellow", PeerState.offline: "red"}
     for p in peers:
         table.add_row(p.peer_id[-8:], p.public_name or "-", f"{p.start}:{p.end}", Text(p.state.value, styles[p.state]),
                       p.dtype if p.quant == "none" else f"{p.dtype}/{p.quant}", f"{p.throughput:.1f}", str(p.cache_tokens_left), p.version,
+                      "directly" if not p.relays else f"via {', '.join(r[-8:] for r in p.relays)}",
                       "-" if p.rtt_ms is None else f"{p.rtt_ms:.0f} ms")
     return table
 

@@ -7,7 +7,7 @@ import time
 from client.health.report import HealthReport, ModelTarget, build_report
 from swarm.dht import SwarmDHT
 from swarm.errors import SwarmError
-from swarm.records import ModelRegistration
+from swarm.records import BlockAnnouncement, ModelRegistration
 
 MIN_PING_TIMEOUT = 0.5  # seconds a ping gets even when the reads used up most of the budget
 
@@ -44,8 +44,16 @@ async def gather(dht: SwarmDHT, refs: list[str], timeout: float) -> HealthReport
     tables = {t.dht_prefix: table for t, table in zip(targets, found)}
     peer_ids = sorted({p for table in found for block in table for p in block})
     ping_timeout = max(left(), MIN_PING_TIMEOUT)
-    rtts = await asyncio.gather(*(dht.ping(p, ping_timeout) for p in peer_ids))
+    records = {p: record.announcement for table in found for block in table for p, record in block.items()}
+    rtts = await asyncio.gather(*(_ping(dht, records[p], p, ping_timeout) for p in peer_ids))
     return build_report(targets, tables, dict(zip(peer_ids, rtts)), unknown)
+
+
+async def _ping(dht: SwarmDHT, record: BlockAnnouncement, peer_id: str, timeout: float) -> float | None:
+    """The round trip to a peer, through its relay if it is behind NAT."""
+    started = time.monotonic()
+    relay = await dht.relay_to(record, timeout)
+    return await dht.ping(peer_id, max(timeout - (time.monotonic() - started), MIN_PING_TIMEOUT), relay)
 
 
 async def _targets(registered: list[ModelRegistration], refs: list[str]) -> tuple[list[ModelTarget], list[str]]:

@@ -36,7 +36,10 @@ class PeerReport(_Out):
     quant: str = Field(description="how the peer keeps its blocks' linear weights: none, int8 or int4")
     version: str
     public_name: Optional[str]
-    rtt_ms: Optional[float] = Field(description="round trip of an INFO call from here; null if it did not answer")
+    rtt_ms: Optional[float] = Field(description="round trip of an INFO call from here (through its relay, if any); "
+                                                "null if it did not answer")
+    relays: list[str] = Field(description="peer ids of the relays it is reached through, as it is behind NAT; "
+                                          "empty: reached directly")
 
 
 class ModelReport(_Out):
