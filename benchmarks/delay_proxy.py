@@ -49,12 +49,12 @@ class Shaper:
 
 
 class DelayProxy:
-    """Forwards every connection on 127.0.0.1:`port` to 127.0.0.1:`target_port`, through one Shaper per
+    """Forwards every connection on `host`:`port` to 127.0.0.1:`target_port`, through one Shaper per
     direction shared by all connections (it models the target's link, not one stream)."""
 
     def __init__(self, target_port: int, delay_ms: float = 0.0, bandwidth_mbps: float | None = None,
-                 burst_kib: float = 16, port: int = 0):
-        self.target_port, self.port = target_port, port
+                 burst_kib: float = 16, port: int = 0, host: str = "127.0.0.1"):
+        self.target_port, self.port, self.host = target_port, port, host
         rate = bandwidth_mbps * 1e6 / 8 if bandwidth_mbps else None
         self.up = Shaper(delay_ms / 1000, rate, int(burst_kib * 1024))  # to the target
         self.down = Shaper(delay_ms / 1000, rate, int(burst_kib * 1024))  # back from it
@@ -76,7 +76,7 @@ class DelayProxy:
         return self.down.bytes
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -183,6 +183,7 @@ def start_proxied_peer(host: ProxyHost, args: list[str], log_dir: Path, name: st
 def run(
     target_port: int = typer.Option(..., help="Port of the real server on 127.0.0.1."),
     listen_port: int = typer.Option(0, help="Port to listen on (0: any; printed)."),
+    listen_host: str = typer.Option("127.0.0.1", help="Address to listen on (a rig host's, in its namespace)."),
     delay_ms: float = typer.Option(0.0, help="One-way delay added in each direction, milliseconds."),
     bandwidth_mbps: Optional[float] = typer.Option(None, help="Cap per direction, megabits per second."),
     burst_kib: float = typer.Option(16, help="Token bucket depth, KiB."),
@@ -190,8 +191,8 @@ def run(
     """Run one proxy until Ctrl-C, printing the bytes forwarded each way every 5 s."""
 
     async def main() -> None:
-        proxy = DelayProxy(target_port, delay_ms, bandwidth_mbps, burst_kib, listen_port)
-        console.print(f"127.0.0.1:{await proxy.start()} -> 127.0.0.1:{target_port}, {delay_ms:g} ms one way, "
+        proxy = DelayProxy(target_port, delay_ms, bandwidth_mbps, burst_kib, listen_port, listen_host)
+        console.print(f"{listen_host}:{await proxy.start()} -> 127.0.0.1:{target_port}, {delay_ms:g} ms one way, "
                       f"{bandwidth_mbps or 'unlimited'} Mbit/s")
         while True:
             await asyncio.sleep(5)

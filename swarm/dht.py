@@ -19,6 +19,7 @@ from hivemind.utils.asyncio import asingle
 
 from swarm import protocol
 from swarm.errors import SwarmError
+from swarm.identity import prepare_identity
 from swarm.lifetime import die_with_parent
 from swarm.records import (
     REGISTRY_KEY,
@@ -26,9 +27,8 @@ from swarm.records import (
     ModelRegistration,
     RecordSchemaValidator,
     block_key,
-    is_signed_subkey,
     parse_record,
-    peer_id_of_subkey,
+    owner_of_subkey,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,13 +66,16 @@ class SwarmDHT:
         identity_path: str | None = None,
         client_mode: bool = False,
     ) -> "SwarmDHT":
+        """IDENTITY_PATH: the private key file of the peer id (made if missing; without it, a new identity)."""
+        identity, key, existed = prepare_identity(identity_path)
         try:
             with _daemon_in_its_own_session():
                 p2p = await P2P.create(
                     initial_peers=initial_peers or None,
                     host_maddrs=[f"/ip4/{host}/tcp/{port}"],
                     announce_maddrs=announce_maddrs or None,
-                    identity_path=identity_path,
+                    identity_path=identity,
+                    check_if_identity_free=existed,  # a key made just now is nobody else's
                     use_relay=False,
                     use_auto_relay=False,
                     auto_nat=False,
@@ -82,7 +85,7 @@ class SwarmDHT:
                 )
         except Exception as e:
             raise SwarmError(f"cannot start the p2p daemon or reach {', '.join(initial_peers) or 'the swarm'}: {e}") from None
-        signer = RSASignatureValidator()
+        signer = RSASignatureValidator(key)  # records are signed by the identity itself
         try:
             node = await DHTNode.create(
                 p2p=p2p,
@@ -123,8 +126,9 @@ class SwarmDHT:
 
     async def iterate(self, peer_id: str, rpc: str, requests: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
                       relay: str | None = None) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """The responses of a streaming RPC of a peer, called through RELAY (a peer id) if the peer is behind NAT."""
-        if relay is None:
+        """The responses of a streaming RPC of a peer, called through RELAY (a peer id) if the peer is behind NAT.
+        A relay calling a peer it relays for calls it directly, over the peer's connection."""
+        if relay is None or relay == str(self.peer_id):
             return await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), rpc, requests,
                                                            runtime_pb2.ExpertResponse)
         opening = protocol.pack_request(protocol.RelayOpen(target=peer_id, rpc=rpc))
@@ -134,7 +138,7 @@ class SwarmDHT:
     async def call(self, peer_id: str, rpc: str, request: runtime_pb2.ExpertRequest,
                    relay: str | None = None) -> runtime_pb2.ExpertResponse:
         """The response of a unary RPC of a peer, called through RELAY if the peer is behind NAT."""
-        if relay is None:
+        if relay is None or relay == str(self.peer_id):
             return await self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc, request,
                                                         runtime_pb2.ExpertResponse)
         return await asingle(await self.iterate(peer_id, rpc, request, relay))
@@ -166,8 +170,8 @@ class SwarmDHT:
             if entry is not None and isinstance(entry.value, dict):
                 for subkey, item in entry.value.items():
                     record = _parse(item.value, BlockAnnouncement)
-                    peer = peer_id_of_subkey(subkey)
-                    if record is None or item.expiration_time < now or not is_signed_subkey(subkey):
+                    peer = owner_of_subkey(subkey)
+                    if record is None or item.expiration_time < now or peer is None:
                         continue
                     if peer not in peers or peers[peer].expiration_time < item.expiration_time:
                         peers[peer] = PeerRecord(peer, record, item.expiration_time)
@@ -180,7 +184,7 @@ class SwarmDHT:
         if entry is not None and isinstance(entry.value, dict):
             for subkey, item in entry.value.items():
                 record = _parse(item.value, ModelRegistration)
-                if record is not None and is_signed_subkey(subkey):
+                if record is not None and owner_of_subkey(subkey) is not None:
                     models[record.dht_prefix] = record
         return sorted(models.values(), key=lambda m: m.name)
 

@@ -158,7 +158,8 @@ class StepResult(_Message):
 
 
 ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal",
-                    "relay"]  # relay: a relay ended the stream at its limits, or cannot reach the peer
+                    "not_served",  # the peer does not serve those blocks (any more): the client's view was stale
+                    "relay"]  # a relay ended the stream at its limits, or cannot reach the peer
 
 
 class ErrorReply(_Message):

@@ -13,6 +13,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from swarm.dtypes import DTypeName, QuantName
+from swarm.identity import peer_id_of_key
 from swarm.protocol import MAX_MADDR_CHARS
 
 REGISTRY_KEY = "swarm-llm.models"  # every model a swarm serves, so tools need not be told their names
@@ -24,16 +25,17 @@ def block_key(dht_prefix: str, block: int) -> str:
     return f"{dht_prefix}.{block}"
 
 
-def is_signed_subkey(subkey: str | bytes) -> bool:
-    """Only subkeys carrying their owner's public key are protected by hivemind's signature check."""
-    if isinstance(subkey, bytes):
-        return OWNER_MARK.encode() in subkey
-    return OWNER_MARK in subkey
+def owner_of_subkey(subkey: object) -> str | None:
+    """The peer id a subkey names (`[PREFIX ]<peer id>[owner:<public key>]`), if that key is the peer's own.
 
-
-def peer_id_of_subkey(subkey: str | bytes) -> str:
+    Only subkeys carrying their owner's public key are protected by hivemind's signature check, and
+    only the peer whose identity the key is may write about that peer (swarm/identity.py)."""
     text = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
-    return text.split(OWNER_MARK, 1)[0]
+    claimed, mark, rest = text.partition(OWNER_MARK)
+    if not mark or not rest.endswith("]"):
+        return None
+    peer_id = claimed.rsplit(" ", 1)[-1]
+    return peer_id if peer_id_of_key(rest[:-1].encode()) == peer_id else None
 
 
 class PeerState(str, enum.Enum):
@@ -104,8 +106,12 @@ class RecordSchemaValidator(RecordValidatorBase):
     """Accept only values that are one of our records (after hivemind strips the signature)."""
 
     def validate(self, record: DHTRecord) -> bool:
-        if not is_signed_subkey(record.subkey):
-            return False  # unsigned, anyone could write it under another peer's id
+        try:  # validators see the subkey as hivemind serialized it
+            subkey = msgpack.unpackb(record.subkey, raw=False)
+        except Exception:
+            return False
+        if owner_of_subkey(subkey) is None:
+            return False  # unsigned, or signed by a key that is not the named peer's: a forgery
         try:
             parse_record(msgpack.unpackb(record.value, raw=False, strict_map_key=False))
         except Exception:

@@ -2,7 +2,8 @@
 
 Every address lies in 198.18.0.0/15 (RFC 2544's benchmarking range) inside namespaces this rig creates,
 and nothing is routed out of them. The rig removes its namespaces when it closes, also after a failure,
-and a new rig first removes what a killed run of this module left behind (names carry PREFIX).
+and a new rig first removes what a killed run left behind (names carry PREFIX and the pid of the
+process that made them; those of a live process are left alone).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-PREFIX = "swr"  # names of namespaces and links made here: swr<run>-<host>
+PREFIX = "swr"  # names of namespaces made here: swr<pid>-<host>
 WAN = "198.18.0"  # the public network: 198.18.0.0/24, one bridge
 HOME = "198.19"  # home N's network: 198.19.N.0/24, its router at .1 and its host at .2
 
@@ -49,13 +50,24 @@ def _sh(*argv: str) -> None:
 
 
 def remove_leftovers() -> None:
-    """Namespaces of earlier runs that died before closing their rig (their links go with them)."""
+    """Namespaces of runs that died before closing their rig (their links go with them)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for line in listed.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(PREFIX):
+        owner = name.removeprefix(PREFIX).split("-", 1)[0]
+        if name.startswith(PREFIX) and owner.isdigit() and not _alive(int(owner)):
             _kill_inside(name)
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _kill_inside(namespace: str) -> None:
@@ -74,12 +86,15 @@ class NetworkRig:
     connection opened from inside (conntrack's ESTABLISHED/RELATED); the rest is dropped.
     """
 
-    def __init__(self, run: str | None = None):
+    _made = 0  # rigs made by this process: each gets names of its own
+
+    def __init__(self) -> None:
         reason = why_unavailable()
         if reason:
             raise RigUnavailable(reason)
         remove_leftovers()
-        self.run = run or str(os.getpid() % 10000)
+        NetworkRig._made += 1
+        self.run = f"{os.getpid()}-{NetworkRig._made}"
         self.namespaces: list[str] = []
         self.hosts: dict[str, Host] = {}
         self._next_public, self._next_home = 10, 1

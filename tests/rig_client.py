@@ -1,7 +1,8 @@
 """A client on a host of the network rig: greedy tokens of one prompt through the swarm.
 
 Run inside a namespace by tests/test_networks.py. Prints `token N [route's peers]` as each arrives (a test may act
-between tokens), then one JSON line: the tokens and the peers of the route that finished.
+between tokens), then one JSON line: the tokens, the peers of the route that finished, and how many
+hops got their input by push from the hop before.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def main(model: str, initial_peers: list[str], ids: str = typer.Option(..., help
                 print(f"token {i} " + json.dumps([hop.peer_id for hop in session.route]), flush=True)
                 time.sleep(pause)
             route = [hop.peer_id for hop in session.route]
+            pushed = sum(hop.by_push for step in session.timings for hop in step.hops)
     finally:
         swarm.close()
-    print(json.dumps({"tokens": prompt[0].tolist() + tokens, "route": route}), flush=True)
+    print(json.dumps({"tokens": prompt[0].tolist() + tokens, "route": route, "pushed": pushed}), flush=True)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,7 @@ def test_peers_behind_nat_are_relayed_and_the_client_behind_nat_gets_transformer
     result = Client(client_host, tiny_llama, swarm.entrance, ids, 8, tmp_path / "client.log").result()
     assert result["tokens"] == expected_tokens(tiny_reference, ids, 8)
     assert set(result["route"]) == {p.peer_id for p in swarm.peers.values()}
+    assert result["pushed"] >= 8  # to both homes, through the relay: public -> home-a -> home-b, every step after the first
 
 
 def test_a_relayed_stream_ended_by_its_relay_mid_session_changes_no_token(swarm, client_host, tiny_llama, tiny_reference,

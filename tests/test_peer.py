@@ -196,7 +196,8 @@ def test_bad_input_never_disturbs_other_sessions(swarm, dht, local_span):
     assert isinstance(reply, ErrorReply) and "must open" in reply.message
     outside = RawStream(dht, peer)
     reply, _ = outside.send(protocol.pack_request(OpenSession(session_id="outside", start=5, end=12, max_length=8, batch_size=1)))
-    assert isinstance(reply, ErrorReply) and "not within this peer's span" in reply.message
+    assert isinstance(reply, ErrorReply) and reply.code == "not_served"  # routing news for the client, not its error
+    assert "this peer serves blocks 0:10, not 5:12" in reply.message
     reply, _ = forward(dht, peer, protocol.pack_request(ForwardRequest(start=0, end=10), torch.randn(1, 3, HIDDEN - 1)))
     assert isinstance(reply, ErrorReply) and "hidden size" in reply.message
     bystander_step(len(bad_inputs()) + 1)

@@ -1,0 +1,110 @@
+"""Records bound to identities: a node that stores records about other peers, signed with its own key,
+can neither hide a real peer nor add blocks to it (swarm/identity.py, swarm/records.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from client import DistributedModelForCausalLM, loop
+from swarm import __version__ as VERSION
+from swarm.dht import SwarmDHT
+from swarm.local_swarm import LocalSwarm
+from swarm.identity import peer_id_of_key, prepare_identity
+from swarm.records import OWNER_MARK, BlockAnnouncement, PeerState, block_key, owner_of_subkey
+from swarm.reference import resolve_model
+from tests.tiny_models import NUM_LAYERS, VOCAB_SIZE
+
+pytestmark = pytest.mark.slow  # starts peer processes
+
+
+def forged(state: PeerState, start: int, end: int) -> dict:
+    return BlockAnnouncement(state=state, start=start, end=end, throughput=1e6, cache_tokens_left=10**6,
+                             version=VERSION, dtype="float32").model_dump(mode="json")
+
+
+async def forge(initial_peers: list[str], dht_prefix: str, victims: dict[str, tuple[PeerState, int, int]]) -> None:
+    """A node that runs none of our validators stores, for each victim, records under the victim's peer id,
+    signed with its own key, as hivemind lets anyone do."""
+    p2p = await P2P.create(initial_peers=initial_peers, use_relay=False, auto_nat=False, nat_port_map=False)
+    signer = RSASignatureValidator()
+    node = await DHTNode.create(p2p=p2p, initial_peers=initial_peers, record_validator=signer)
+    try:
+        for victim, (state, start, end) in victims.items():
+            subkey = f"{victim}{signer.local_public_key.decode()}"
+            assert owner_of_subkey(subkey) is None  # what every reader and validator concludes
+            keys = [block_key(dht_prefix, i) for i in range(start, end)]
+            await node.store_many(keys, [forged(state, start, end)] * len(keys), get_dht_time() + 600,
+                                  subkeys=[subkey] * len(keys))
+    finally:
+        await node.shutdown()
+        await p2p.shutdown()
+
+
+def test_forged_records_hide_no_peer_and_add_no_blocks(tiny_llama, tiny_reference, tmp_path):
+    model = resolve_model(str(tiny_llama))
+    ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = tiny_reference("llama").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3"]) as local:
+        first = local.add(["--blocks", "0:2"])
+        second = local.add(["--blocks", f"2:{NUM_LAYERS}"])
+        # "the second peer left", and "the first peer serves every block, fast"
+        loop.run(forge(local.initial_peers, model.dht_prefix, {
+            second.peer_id: (PeerState.offline, 2, NUM_LAYERS), first.peer_id: (PeerState.online, 0, NUM_LAYERS)}))
+        # the forger's own node keeps them (it runs no validator of ours); the peers' validators refuse them,
+        # and a reader that gets them from the forger drops them
+        reader = loop.run(SwarmDHT.create(local.initial_peers, client_mode=True))
+        try:
+            blocks = loop.run(reader.read_blocks(model.dht_prefix, model.num_blocks))
+        finally:
+            loop.run(reader.shutdown())
+        assert all(set(block) <= {first.peer_id, second.peer_id} for block in blocks)
+        assert blocks[3][second.peer_id].announcement.state == PeerState.online
+        assert first.peer_id not in blocks[3] and blocks[0][first.peer_id].announcement.end == 2
+        swarm_model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=local.initial_peers)
+        try:
+            tokens = swarm_model.generate(ids, max_new_tokens=10, eos_token_id=None)
+        finally:
+            swarm_model.close()
+    assert tokens.tolist() == expected.tolist()
+
+
+def test_a_record_counts_only_under_the_peer_id_of_its_key():
+    _, key, _ = prepare_identity(None)
+    own, stranger = RSASignatureValidator(key), RSASignatureValidator()
+    own_id = peer_id_of_key(own.local_public_key.decode().removeprefix(OWNER_MARK).removesuffix("]").encode())
+    assert own_id is not None
+    assert owner_of_subkey(f"{own_id}{own.local_public_key.decode()}") == own_id
+    assert owner_of_subkey(f"prefix {own_id}{own.local_public_key.decode()}") == own_id  # registry subkeys
+    assert owner_of_subkey(f"{own_id}{stranger.local_public_key.decode()}") is None  # someone else's key
+    assert owner_of_subkey(own_id) is None  # unsigned
+
+
+def test_a_stale_view_reroutes_with_identical_tokens(tiny_llama, tiny_reference, tmp_path):
+    """A peer restarts on other blocks under the same identity while a client still believes its old record:
+    the peer refuses the old blocks (`not_served`) and the client routes around it."""
+    ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = tiny_reference("llama").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    identity = tmp_path / "mover.key"
+    with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3"]) as local:
+        local.add(["--blocks", "0:2"])
+        mover = local.add(["--blocks", f"2:{NUM_LAYERS}", "--identity", str(identity)], "mover")
+        swarm_model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=local.initial_peers,
+                                                                  refresh_period=3600)  # reads the swarm only when stuck
+        try:
+            swarm_model.generate(ids, max_new_tokens=2, eos_token_id=None)  # its view: the mover serves 2:5
+            mover.stop()
+            moved = local.add(["--blocks", "0:2", "--identity", str(identity)], "moved")
+            assert moved.peer_id == mover.peer_id
+            local.add(["--blocks", f"2:{NUM_LAYERS}"], "new")
+            tokens = swarm_model.generate(ids, max_new_tokens=10, eos_token_id=None)
+        finally:
+            swarm_model.close()
+    assert tokens.tolist() == expected.tolist()
