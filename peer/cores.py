@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from swarm.gguf_shards import data_dir
+from swarm.lifetime import is_alive
 
 RECHECK_SECONDS = 5.0
 
@@ -33,7 +34,7 @@ class CoreShare:
         """Peers running on this host, this one included; entries of processes that died are removed."""
         count = 0
         for entry in self.folder.iterdir():
-            if entry.name.isdigit() and _alive(int(entry.name)):
+            if entry.name.isdigit() and is_alive(int(entry.name)):
                 count += 1
             elif entry.name.isdigit():
                 entry.unlink(missing_ok=True)
@@ -45,12 +46,3 @@ class CoreShare:
     def close(self) -> None:
         self.entry.unlink(missing_ok=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True

@@ -7,6 +7,7 @@ other systems only the first half holds).
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 
@@ -23,3 +24,14 @@ def die_with_parent() -> None:
     """
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def is_alive(pid: int) -> bool:
+    """Whether a process runs: files and namespaces named by the pid of a dead one are leftovers."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from swarm.lifetime import is_alive
+
 PREFIX = "swr"  # names of namespaces made here: swr<pid>-<host>
 WAN = "198.18.0"  # the public network: 198.18.0.0/24, one bridge
 HOME = "198.19"  # home N's network: 198.19.N.0/24, its router at .1 and its host at .2
@@ -55,19 +57,10 @@ def remove_leftovers() -> None:
     for line in listed.splitlines():
         name = line.split()[0] if line.strip() else ""
         owner = name.removeprefix(PREFIX).split("-", 1)[0]
-        if name.startswith(PREFIX) and owner.isdigit() and not _alive(int(owner)):
+        if name.startswith(PREFIX) and owner.isdigit() and not is_alive(int(owner)):
             _kill_inside(name)
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _kill_inside(namespace: str) -> None:
