@@ -317,6 +317,35 @@ def test_models_health_metrics_and_openapi(api: openai.OpenAI, gateway: str) -> 
     assert "ChatCompletionChunk" in schema["components"]["schemas"] and "HTTPBearer" in schema["components"]["securitySchemes"]
 
 
+def test_limits_answer_429_503_504_at_once(swarm: LocalSwarm, reference: SwarmClient, tmp_path: Path) -> None:
+    """A gateway for the public: 4 requests a minute per key, one generation at a time, 3 s per request."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0}
+    with running_api("--initial-peers", swarm.initial_peers[0], "--model", MODEL, "--api-key", KEY,
+                     "--rate-limit", "4", "--max-concurrent", "1", "--request-deadline", "3", "--log-level", "warning",
+                     log=tmp_path / "limited.log") as ready, \
+            httpx.Client(base_url=ready.split()[1], headers=headers, timeout=60) as http:
+        started = time.monotonic()
+        with http.stream("POST", "/completions", json={**body, "stream": True}) as events:  # request 1
+            lines = events.iter_lines()
+            assert events.status_code == 200 and next(lines).startswith("data: {")
+            busy = http.post("/completions", json={**body, "max_tokens": 4})  # request 2, while 1 runs
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded"
+            assert busy.headers["retry-after"] == "1"
+            last = [line for line in lines if line.startswith("data: ")][-1]  # the stream ends past 3 s
+        assert time.monotonic() - started < 30 and '"code":"deadline_exceeded"' in last.replace(" ", "")
+        while open_sessions(reference, swarm) and time.monotonic() - started < 30:
+            time.sleep(0.1)
+        assert open_sessions(reference, swarm) == 0  # the session on the peer ended with the request
+        late = http.post("/completions", json=body)  # request 3: not streamed, a 504
+        assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+        quick = http.post("/completions", json={**body, "max_tokens": 2})  # request 4: within every limit
+        assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] == 2
+        burst = [http.post("/completions", json={**body, "max_tokens": 2}) for _ in range(3)]  # 5 to 7
+        assert [r.status_code for r in burst] == [429, 429, 429]
+        assert burst[0].json()["error"]["code"] == "rate_limited" and int(burst[0].headers["retry-after"]) >= 1
+
+
 def test_cli_bad_arguments_exit_2_with_one_line(unserved: Path) -> None:
     no_swarm, _ = start_api()
     assert no_swarm.wait(60) == 2

@@ -3,13 +3,15 @@ import random
 
 import msgpack
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
 
 from client.route import build_route
 from peer.placement import Coverage, best_start, should_move
 from swarm.dht import PeerRecord
 from swarm.errors import RouteError
-from swarm.records import BlockAnnouncement, PeerState, RecordSchemaValidator
+from swarm.identity import peer_id_of_key, prepare_identity
+from swarm.records import OWNER_MARK, BlockAnnouncement, PeerState, RecordSchemaValidator
 
 
 def peer(start: int, end: int, throughput: float = 100.0, state: PeerState = PeerState.online) -> BlockAnnouncement:
@@ -67,12 +69,17 @@ def test_an_idle_duplicate_moves_towards_hot_blocks_but_never_off_a_sole_copy():
     assert should_move(sole, 0, 10) is None  # hot elsewhere, but nobody else serves 0:10
 
 
-def test_validator_refuses_unsigned_and_malformed_records():
+def test_validator_refuses_unsigned_forged_and_malformed_records():
+    """Validators see subkeys as hivemind serializes them (msgpack): `<peer id>[owner:<that peer's key>]`."""
     validator = RecordSchemaValidator()
     good = msgpack.packb(peer(0, 3).model_dump(mode="json"))
-    signed_subkey = msgpack.packb("12D3KooWPeer[owner:ssh-rsa AAAA]")
+    _, key, _ = prepare_identity(None)
+    owner = RSASignatureValidator(key).local_public_key.decode()
+    own_id = peer_id_of_key(owner.removeprefix(OWNER_MARK).removesuffix("]").encode())
+    signed_subkey = msgpack.packb(f"{own_id}{owner}")
     assert validator.validate(DHTRecord(b"k", signed_subkey, good, 0.0))
-    assert not validator.validate(DHTRecord(b"k", msgpack.packb("12D3KooWVictim"), good, 0.0))
+    assert not validator.validate(DHTRecord(b"k", msgpack.packb("12D3KooWVictim"), good, 0.0))  # unsigned
+    assert not validator.validate(DHTRecord(b"k", msgpack.packb(f"12D3KooWVictim{owner}"), good, 0.0))  # not its key
     bad = msgpack.packb({**peer(0, 3).model_dump(mode="json"), "end": 0})
     assert not validator.validate(DHTRecord(b"k", signed_subkey, bad, 0.0))
     assert not validator.validate(DHTRecord(b"k", signed_subkey, b"\xc1 not msgpack", 0.0))

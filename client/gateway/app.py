@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from client.gateway.answers import Answers, ChatAnswers, CompletionAnswers, Run, finish_of, sse, usage_of
 from client.gateway.console import Timelines, console_routes
 from client.gateway.errors import ERROR_RESPONSES, ApiError, add_error_handlers
+from client.gateway.limits import Admission, Limits
 from client.gateway.metrics import ApiMetrics, MetricsMiddleware
 from client.gateway.openai_schema import (
     ChatCompletion,
@@ -44,7 +45,8 @@ from swarm.errors import SwarmError
 CHAT, COMPLETIONS, MODELS, HEALTH, METRICS = "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"
 
 
-def create_app(gateway: Gateway, *, api_key: str | None = None, default_max_tokens: int = 256) -> FastAPI:
+def create_app(gateway: Gateway, *, api_key: str | None = None, default_max_tokens: int = 256,
+               limits: Limits = Limits()) -> FastAPI:
     """The ASGI app. With `api_key`, every /v1 route wants `Authorization: Bearer <api_key>`."""
     metrics = ApiMetrics()
     app = _App(
@@ -54,7 +56,8 @@ def create_app(gateway: Gateway, *, api_key: str | None = None, default_max_toke
     add_error_handlers(app, metrics)
     key_check = None if api_key is None else _key_check(api_key)
     timelines = Timelines()
-    app.include_router(_openai_routes(Generations(gateway, metrics, timelines, default_max_tokens), key_check))
+    generations = Generations(gateway, metrics, timelines, default_max_tokens, Admission(limits))
+    app.include_router(_openai_routes(generations, key_check))
     app.include_router(_operator_routes(gateway, metrics))
     app.include_router(console_routes(gateway, timelines, key_check))
     return app
@@ -129,9 +132,10 @@ def _operator_routes(gateway: Gateway, metrics: ApiMetrics) -> APIRouter:
 class Generations:
     """Answers generation requests: starts each on its model's SwarmClient, then answers whole or streamed."""
 
-    def __init__(self, gateway: Gateway, metrics: ApiMetrics, timelines: Timelines, default_max_tokens: int):
+    def __init__(self, gateway: Gateway, metrics: ApiMetrics, timelines: Timelines, default_max_tokens: int,
+                 admission: Admission):
         self.gateway, self.metrics, self.timelines = gateway, metrics, timelines
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens, self.admission = default_max_tokens, admission
 
     def served(self, model: str) -> ServedModel:
         if model not in self.gateway.models:
@@ -143,40 +147,51 @@ class Generations:
                      answers: Answers) -> Response:
         target = self.served(body.model)
         run = Run(target.id, answers.id_prefix + secrets.token_hex(12))
+        # per API key when the gateway has one (callers holding it share its budget), else per address
+        self.admission.admit(request.headers.get("authorization") or (request.client.host if request.client else "-"))
         try:
             stream = await run_in_threadpool(lambda: target.client.start(
                 **body.prompt_args(), max_new_tokens=body.token_limit or self.default_max_tokens,
                 fit_context=body.token_limit is None,  # our default, not the caller's: it yields to a long prompt
                 temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed))
         except PromptError as e:
+            self.admission.release()
             raise ApiError(400, str(e), e.code, body.prompt_param) from None
+        except BaseException:
+            self.admission.release()
+            raise
         self.timelines.keep(run.id, stream)
 
         async def done() -> None:
             """Close the stream, and so the session on the peers, whether it ended or not; count its tokens."""
             with anyio.CancelScope(shield=True):  # a disconnect cancels us: closing must happen all the same
                 await run_in_threadpool(stream.close)
+            self.admission.release()
             self.metrics.count_tokens(target.id, stream.prompt_tokens, stream.completion_tokens)
 
         try:
             first = await _next_piece(stream)  # before answering: a swarm that cannot serve is still a 503
+            self.admission.check_deadline(run.arrived)
         except SwarmError as e:
             await done()
             raise ApiError.from_swarm(e) from None
+        except ApiError:
+            await done()
+            raise
         if first is not None:
             self.metrics.first_token.labels(target.id).observe(time.perf_counter() - run.arrived)
         if not body.stream:
             return await self._whole(request, run, stream, first, answers, done)
         return _EventStream(self._events(run, stream, first, answers, body.stream_options.include_usage), done)
 
-    @staticmethod
-    async def _whole(request: Request, run: Run, stream: TextStream, first: str | None, answers: Answers,
+    async def _whole(self, request: Request, run: Run, stream: TextStream, first: str | None, answers: Answers,
                      done: Callable[[], Awaitable[None]]) -> Response:
         text, piece = [], first
         try:
             while piece is not None and not await request.is_disconnected():  # nobody to answer: stop
                 text.append(piece)
                 piece = await _next_piece(stream)
+                self.admission.check_deadline(run.arrived)
         except SwarmError as e:
             raise ApiError.from_swarm(e) from None
         finally:
@@ -192,8 +207,9 @@ class Generations:
             while piece is not None:
                 yield sse(answers.piece(run, piece))
                 piece = await _next_piece(stream)
-        except SwarmError as e:  # the answer has begun with 200: the error can only be an event
-            error = ApiError.from_swarm(e)
+                self.admission.check_deadline(run.arrived)
+        except (SwarmError, ApiError) as e:  # the answer has begun with 200: the error can only be an event
+            error = e if isinstance(e, ApiError) else ApiError.from_swarm(e)
             self.metrics.errors.labels(error.detail.type).inc()
             yield sse(ErrorResponse(error=error.detail))
             return

@@ -20,6 +20,7 @@ from client.commands import fail, required_initial_peers, swarm_errors_exit
 from client.settings import ENV_INITIAL_PEERS
 
 if TYPE_CHECKING:  # imported when serving: --help and argument errors stay fast
+    from client.gateway.limits import Limits
     from client.gateway.served import Gateway
 
 app = typer.Typer(add_completion=False, help="Serve the swarm's models through OpenAI's HTTP API.")
@@ -43,6 +44,14 @@ def serve(
         None, envvar=ENV_API_KEY, show_envvar=False,
         help=f"Require 'Authorization: Bearer KEY' on /v1 routes (env: {ENV_API_KEY})."),
     default_max_tokens: int = typer.Option(256, min=1, help="Tokens to generate when a request gives no max_tokens."),
+    rate_limit: Optional[int] = typer.Option(
+        None, min=1, help="Requests per minute per caller (its API key with --api-key, else its address); "
+                          "over it: 429 (default: unlimited)."),
+    max_concurrent: Optional[int] = typer.Option(
+        None, min=1, help="Generations running at once; over it: 503 at once (default: unlimited)."),
+    request_deadline: Optional[float] = typer.Option(
+        None, min=0.1, help="Seconds a request may take, checked between tokens; past it: 504, or an error event "
+                            "in a stream (default: none)."),
     log_level: LogLevel = typer.Option(LogLevel.info, help="Log level of the HTTP server (one line per request at info)."),
 ) -> None:
     """Join the swarm as a client and answer /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
@@ -58,8 +67,11 @@ def serve(
 
     with swarm_errors_exit(err), err.status("joining the swarm"):
         gateway = Gateway.connect(peers, model or [DEFAULT_MODEL])
+    from client.gateway.limits import Limits
+
     try:
-        _run(gateway, listener, api_key, default_max_tokens, log_level)
+        _run(gateway, listener, api_key, default_max_tokens, Limits(rate_limit, max_concurrent, request_deadline),
+             log_level)
     except KeyboardInterrupt:
         pass  # Ctrl-C or SIGTERM, once the requests in flight had their few seconds
     finally:
@@ -75,7 +87,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _run(gateway: Gateway, listener: socket.socket, api_key: Optional[str], default_max_tokens: int, log_level: LogLevel) -> None:
+def _run(gateway: Gateway, listener: socket.socket, api_key: Optional[str], default_max_tokens: int, limits: Limits,
+         log_level: LogLevel) -> None:
     """Serve until SIGINT or SIGTERM; streams still open then get a few seconds to finish."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
@@ -84,7 +97,7 @@ def _run(gateway: Gateway, listener: socket.socket, api_key: Optional[str], defa
 
     logs = copy.deepcopy(LOGGING_CONFIG)
     logs["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout carries only the ready line
-    config = uvicorn.Config(create_app(gateway, api_key=api_key, default_max_tokens=default_max_tokens),
+    config = uvicorn.Config(create_app(gateway, api_key=api_key, default_max_tokens=default_max_tokens, limits=limits),
                             log_level=log_level.value, log_config=logs, timeout_graceful_shutdown=5)
     host, port = listener.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"

@@ -16,17 +16,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "A bad request; `param` names the field at fault."},
     401: {"model": ErrorResponse, "description": "No API key, or a wrong one (only with --api-key)."},
     404: {"model": ErrorResponse, "description": "The model is not served here (`code`: model_not_found)."},
+    429: {"model": ErrorResponse, "description": "Over --rate-limit (`code`: rate_limited); see Retry-After."},
     502: {"model": ErrorResponse, "description": "Peers failed the generation."},
-    503: {"model": ErrorResponse, "description": "The swarm cannot serve the model now: some blocks have no peer."},
+    503: {"model": ErrorResponse, "description": "The swarm cannot serve the model now: some blocks have no peer "
+                                                 "(`code`: swarm_unavailable); or --max-concurrent generations run "
+                                                 "already (`code`: overloaded)."},
+    504: {"model": ErrorResponse, "description": "The request ran past --request-deadline (`code`: deadline_exceeded)."},
 }
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's format, with the HTTP status it goes with."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
         self.detail = ErrorDetail(message=message, type="invalid_request_error" if status < 500 else "server_error",
                                   param=param, code=code)
 
@@ -43,7 +48,8 @@ def add_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
 
     def error_response(error: ApiError) -> JSONResponse:
         metrics.errors.labels(error.detail.type).inc()
-        return JSONResponse(ErrorResponse(error=error.detail).model_dump(), status_code=error.status)
+        return JSONResponse(ErrorResponse(error=error.detail).model_dump(), status_code=error.status,
+                            headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
