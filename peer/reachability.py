@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
@@ -94,9 +94,8 @@ async def check_reachability(dht: SwarmDHT, initial_peers: list[str], maddrs: li
 async def _ask(dht: SwarmDHT, checker: str, addresses: list[str]) -> protocol.Reachability | None:
     request = protocol.pack_request(protocol.ReachabilityCheck(maddrs=addresses))
     try:
-        reply = await asyncio.wait_for(dht.p2p.call_protobuf_handler(
-            PeerID.from_base58(checker.rsplit("/p2p/", 1)[1]), protocol.REACHABILITY, request,
-            runtime_pb2.ExpertResponse), CHECK_TIMEOUT)
+        reply = await asyncio.wait_for(dht.call(checker.rsplit("/p2p/", 1)[1], protocol.REACHABILITY, request),
+                                       CHECK_TIMEOUT)
         message, _ = protocol.unpack_response(reply)
     except Exception as e:
         logger.debug(f"reachability check by {checker} failed: {e!r}")

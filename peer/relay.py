@@ -46,7 +46,7 @@ class RelayService:
                     context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             message, _ = protocol.unpack_request(await anext(requests))
-        except (StopAsyncIteration, Exception) as e:
+        except Exception as e:  # no message at all (StopAsyncIteration) or a malformed one
             yield _refusal(f"bad relay request: {e}")
             return
         if not isinstance(message, protocol.RelayOpen):

@@ -159,10 +159,10 @@ class PeerService:
     async def _open(self, message: protocol.RequestMessage, remote: str) -> Session:
         if not isinstance(message, OpenSession):
             raise ProtocolError(f"the first message of a session must open it, got {message.type!r}")
-        if not self.span.start <= message.start < message.end <= self.span.end:  # the client's view is stale
-            raise SessionRefused("not_served", f"this peer serves blocks {self.span.start}:{self.span.end}, "
-                                               f"not {message.start}:{message.end}")
-        part = self.span.subspan(message.start, message.end)
+        try:
+            part = self.span.subspan(message.start, message.end)
+        except ProtocolError as e:  # blocks outside the span: the client's view is stale
+            raise SessionRefused("not_served", str(e)) from None
         self.sessions.reserve(message.session_id, message.batch_size, message.max_length)
         cache = await self.scheduler.on_device(part.new_cache, message.batch_size, message.max_length)
         session = Session(message.session_id, part, cache)

@@ -61,7 +61,7 @@ class Span:
     def subspan(self, start: int, end: int) -> "Span":
         """Blocks [start, end) of this span, sharing its weights: a hop may use part of a peer's span."""
         if not self.start <= start < end <= self.end:
-            raise ProtocolError(f"blocks {start}:{end} are not within this peer's span {self.start}:{self.end}")
+            raise ProtocolError(f"this peer serves blocks {self.start}:{self.end}, not {start}:{end}")
         part = copy.copy(self)
         part.start, part.end = start, end
         part.layers = self.layers[start - self.start : end - self.start]

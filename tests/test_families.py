@@ -19,7 +19,7 @@ from swarm.client_parts import ClientParts
 from swarm.local_swarm import LocalSwarm
 from swarm.reference import resolve_model
 from swarm.span import Span
-from tiny_models import FAMILIES, NUM_LAYERS, VOCAB_SIZE
+from tiny_models import FAMILIES, NUM_LAYERS, VOCAB_SIZE, greedy_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 UNEVEN = [(0, 2), (2, NUM_LAYERS)]
@@ -89,9 +89,7 @@ def test_mixtral_experts_are_stacked_as_transformers_loads_them(tiny_model_path,
 def test_two_peers_give_transformers_greedy_tokens(family, tiny_model_path, tiny_reference, tmp_path):
     folder = tiny_model_path(family)
     ids = prompt(seed=1)
-    with torch.no_grad():
-        expected = tiny_reference(family).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = greedy_tokens(tiny_reference(family), ids, NEW_TOKENS)
     with LocalSwarm(tmp_path, ["--model", str(folder), "--announce-period", "5"]) as local:
         for start, end in UNEVEN:
             local.add(["--blocks", f"{start}:{end}"], f"{family}-{start}-{end}")

@@ -15,7 +15,7 @@ from swarm.client_parts import ClientParts
 from swarm.local_swarm import LocalSwarm
 from swarm.reference import resolve_model
 from swarm.span import Span
-from tiny_models import VOCAB_SIZE
+from tiny_models import VOCAB_SIZE, greedy_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -48,9 +48,7 @@ def test_throughput_on_cuda_is_keyed_by_the_gpu(tiny_model_path, tmp_path, monke
 def test_two_cuda_peers_give_transformers_greedy_tokens(tiny_model_path, tiny_reference, tmp_path):
     folder = tiny_model_path("llama")
     ids = torch.randint(3, VOCAB_SIZE, (1, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = tiny_reference("llama").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = greedy_tokens(tiny_reference("llama"), ids, 12)
     with LocalSwarm(tmp_path, ["--model", str(folder), "--device", "cuda", "--dtype", "float32"]) as local:
         local.add(["--blocks", "0:2"])
         local.add(["--blocks", "2:5"])

@@ -16,7 +16,7 @@ import torch
 
 from swarm.local_swarm import PeerProcess, launch_peer, start_peer
 from tests.network_rig import Host, NetworkRig, RigUnavailable, why_unavailable
-from tests.tiny_models import VOCAB_SIZE
+from tests.tiny_models import VOCAB_SIZE, greedy_tokens
 
 pytestmark = pytest.mark.slow  # starts peer processes in namespaces
 RELAY_SECONDS = 12  # the public peer's limit on one relayed connection: sessions below outlast it
@@ -78,11 +78,7 @@ def client_host(rig, swarm):
 
 
 def expected_tokens(tiny_reference, ids: list[int], new: int) -> list[int]:
-    prompt = torch.tensor([ids])
-    with torch.no_grad():
-        out = tiny_reference("llama").generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0].tolist()
+    return greedy_tokens(tiny_reference("llama"), torch.tensor([ids]), new)[0].tolist()
 
 
 class Client:

@@ -16,7 +16,7 @@ from swarm.local_swarm import LocalSwarm
 from swarm.identity import peer_id_of_key, prepare_identity
 from swarm.records import OWNER_MARK, BlockAnnouncement, PeerState, block_key, owner_of_subkey
 from swarm.reference import resolve_model
-from tests.tiny_models import NUM_LAYERS, VOCAB_SIZE
+from tests.tiny_models import NUM_LAYERS, VOCAB_SIZE, greedy_tokens
 
 pytestmark = pytest.mark.slow  # starts peer processes
 
@@ -47,9 +47,7 @@ async def forge(initial_peers: list[str], dht_prefix: str, victims: dict[str, tu
 def test_forged_records_hide_no_peer_and_add_no_blocks(tiny_llama, tiny_reference, tmp_path):
     model = resolve_model(str(tiny_llama))
     ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = tiny_reference("llama").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = greedy_tokens(tiny_reference("llama"), ids, 10)
     with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3"]) as local:
         first = local.add(["--blocks", "0:2"])
         second = local.add(["--blocks", f"2:{NUM_LAYERS}"])
@@ -89,9 +87,7 @@ def test_a_stale_view_reroutes_with_identical_tokens(tiny_llama, tiny_reference,
     """A peer restarts on other blocks under the same identity while a client still believes its old record:
     the peer refuses the old blocks (`not_served`) and the client routes around it."""
     ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        expected = tiny_reference("llama").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = greedy_tokens(tiny_reference("llama"), ids, 10)
     identity = tmp_path / "mover.key"
     with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3"]) as local:
         local.add(["--blocks", "0:2"])

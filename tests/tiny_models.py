@@ -94,6 +94,14 @@ def build_tiny_model(family: str, folder: Path, sharded: bool = False, seed: int
     return folder
 
 
+def greedy_tokens(reference: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' greedy continuation of IDS (prompt included), never stopped by an end of sequence: the
+    tokens a swarm of the same weights must give."""
+    with torch.no_grad():
+        return reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
 def load_reference(folder: Path) -> torch.nn.Module:
     """The same weights through transformers itself, in float32, for comparisons: sdpa attention, or eager
     attention where sdpa cannot soft-cap (Gemma 2)."""
