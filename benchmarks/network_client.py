@@ -12,6 +12,7 @@ import typer
 
 from benchmarks.common import parse_list
 from client import DistributedModelForCausalLM
+from client.streaming import Generation
 
 
 def prompt_ids(length: int, vocab: int) -> torch.Tensor:
@@ -28,9 +29,9 @@ def main(initial_peers: list[str], lengths: str = "128,2048", new: int = 24) -> 
             ids = prompt_ids(length, swarm.config.vocab_size)
             started = time.perf_counter()
             arrivals, tokens = [], []
-            for token in swarm.iter_tokens(ids, max_new_tokens=new, eos_token_id=None):
+            for token in Generation(swarm, ids, max_new_tokens=new, eos_token_id=None):
                 arrivals.append(time.perf_counter())
-                tokens.append(int(token[0]))
+                tokens.append(token)
             results.append({"length": length, "ttft_s": round(arrivals[0] - started, 4),
                             "steps_per_s": round((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), 3),
                             "tokens": tokens})

@@ -1,16 +1,24 @@
-"""DistributedModelForCausalLM: a causal LM whose blocks run in the swarm, used like a transformers model."""
+"""DistributedModelForCausalLM: a transformers causal LM whose transformer blocks run in the swarm.
+
+Embeddings, the final norm and the LM head run here; `generate`, `forward` and `pipeline` are
+transformers' own code paths. The KV cache transformers passes from step to step is the swarm session
+(client/cache.py), so each step sends the peers only its new positions.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
-from typing import Generator, Iterator
+from typing import Iterator
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client import loop
-from client.generation import decode_tokens, generation_config
+from client.cache import SessionCache
+from client.generation import SeededSampling, eos_ids
 from client.head import SharedHead
 from client.route import build_route
 from client.session import Bans, InferenceSession
@@ -23,23 +31,32 @@ from swarm.errors import RouteError, SwarmError
 from swarm.reference import ResolvedModel, resolve_model
 
 
-class DistributedModelForCausalLM:
-    """Embeddings and LM head run here; every transformer block runs on peers found through the DHT."""
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """Used like transformers' AutoModelForCausalLM; every transformer block runs on peers found through the DHT."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "swarm"
+    main_input_name = "input_ids"
 
     def __init__(self, model: ResolvedModel, settings: ClientSettings):
+        super().__init__(model.config)
         self.resolved, self.settings = model, settings
-        self.config = model.config
         self.parts = ClientParts(model, settings.dtype or "float32")
         self.head = SharedHead(self.parts.logits, settings.head_batch_wait)
         self.generation_config = GenerationConfig.from_model_config(model.config)
+        if self.generation_config.pad_token_id is None and (eos := eos_ids(self.generation_config)):
+            self.generation_config.pad_token_id = eos[0]  # what transformers falls back to, without its warning per call
         self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
         self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
         self.view = SwarmView(self.dht, model, settings.refresh_period, dtype=settings.dtype, quant=settings.quant)
         self._local = threading.local()  # the session opened by inference_session(), per calling thread
 
     @classmethod
-    def from_pretrained(cls, ref: str | None = None, initial_peers: list[str] | None = None, **settings) -> "DistributedModelForCausalLM":
+    def from_pretrained(cls, ref: str | None = None, *args, initial_peers: list[str] | None = None,  # type: ignore[override]
+                        **settings) -> "DistributedModelForCausalLM":
         """Resolve `ref` exactly as the peers do (same DHT prefix) and join the swarm as a client."""
+        if args:
+            raise TypeError("from_pretrained takes the model and keyword settings only, e.g. initial_peers=[...]")
         return cls(resolve_model(ref), ClientSettings(initial_peers=initial_peers or [], **settings))
 
     @contextlib.contextmanager
@@ -59,91 +76,81 @@ class DistributedModelForCausalLM:
 
     @contextlib.contextmanager
     def session(self, max_length: int) -> Iterator[InferenceSession]:
-        """A new inference session, closed on the peers when the block ends; pass it to generate or iter_tokens."""
+        """A new inference session, closed on the peers when the block ends; generate(session=...) continues it."""
         session = InferenceSession(self.view, self.settings, self.bans, max_length)
         try:
             yield session
         finally:
             loop.run(_close(session))
 
-    def step(self, session: InferenceSession, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the last position after sending new tokens through an open session."""
-        hidden = self.parts.embed(input_ids)
+    def generate(  # type: ignore[override]  # adds session= and seed=
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *,
+        session: InferenceSession | None = None, seed: int | None = None, **kwargs,
+    ):
+        """transformers' generate, with a swarm session as its cache.
+
+        The session is the caller's (`session=`, `past_key_values=`, or an inference_session() block),
+        which the generation continues, or one of its own for this call. `input_ids` is the whole sequence
+        so far; only the positions the session lacks are sent. With `seed`, sampling draws from a
+        generator of its own, so it repeats itself even while other threads sample.
+        """
+        cache = kwargs.pop("past_key_values", None)
+        if isinstance(cache, InferenceSession):
+            cache = SessionCache(cache)
+        if cache is not None and not isinstance(cache, SessionCache):
+            raise TypeError(f"the swarm keeps the KV cache on its peers: pass a session as past_key_values, not a {type(cache).__name__}")
+        config = copy.deepcopy(generation_config or self.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        if seed is not None and config.do_sample:
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), SeededSampling(seed)])
+        if config.use_cache is False:  # every step resends the whole sequence: no session needed
+            return super().generate(inputs, generation_config, **kwargs)  # type: ignore[misc]  # a Protocol for self
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError("generate needs input_ids: the swarm has no encoder to start from")
+        session = cache.session if cache is not None else session or self.active_session
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                total = ids.shape[-1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+                session = stack.enter_context(self.session(total))
+            if session.position >= ids.shape[-1]:
+                raise SwarmError(f"the session holds {session.position} positions but input_ids has only "
+                                 f"{ids.shape[-1]}: nothing new to send")
+            return super().generate(  # type: ignore[misc]  # transformers types self as a Protocol
+                inputs, generation_config, past_key_values=cache or SessionCache(session), **kwargs)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                past_key_values: SessionCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                logits_to_keep: int = 0, **_) -> CausalLMOutputWithPast:
+        """Logits of the new positions. Through the session of `past_key_values` (as generate calls it),
+        else through the peers' stateless forward, which keeps nothing."""
+        if input_ids is not None:
+            hidden = self.parts.embed(input_ids)
+        elif inputs_embeds is not None:
+            hidden = inputs_embeds
+        else:
+            raise ValueError("give input_ids or inputs_embeds")
+        if past_key_values is None:
+            output = loop.run(self._forward(hidden, attention_mask))
+        elif isinstance(past_key_values, SessionCache):
+            session = past_key_values.session
+            mask = None if attention_mask is None else attention_mask[:, -hidden.shape[1]:]
+            if logits_to_keep == 1:  # generate's case: the last position through the head shared with other sessions
+                return CausalLMOutputWithPast(logits=self._last_logits(session, hidden, mask)[:, None],
+                                              past_key_values=past_key_values)
+            output = loop.run(session.step(hidden, mask))
+        else:
+            raise TypeError(f"the swarm keeps the KV cache on its peers: pass a session as past_key_values, not a {type(past_key_values).__name__}")
+        logits = self.parts.logits(output if logits_to_keep == 0 else output[:, -logits_to_keep:])
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+
+    def _last_logits(self, session: InferenceSession, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         try:
-            output = loop.run(session.step(hidden, attention_mask, on_last_hop=lambda: self.head.expect(session)))
+            output = loop.run(session.step(hidden, mask, on_last_hop=lambda: self.head.expect(session)))
         except BaseException:
             self.head.forget(session)  # it will not ask: nobody waits for it
             raise
         return self.head(output[:, -1], session)
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        session: InferenceSession | None = None,
-        streamer=None,
-        stop_strings: list[str] | str | None = None,
-        tokenizer=None,
-        **generation_kwargs,
-    ) -> torch.Tensor:
-        """Like transformers' generate for causal LMs: returns the prompt followed by the new tokens.
-
-        `input_ids` is the whole sequence so far; within a session only unseen positions are sent.
-        """
-        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        sequence = input_ids
-        for tokens in self.iter_tokens(input_ids, attention_mask, max_new_tokens, session, stop_strings, tokenizer,
-                                       **generation_kwargs):
-            sequence = torch.cat([sequence, tokens[:, None]], dim=1)
-            if streamer is not None:
-                streamer.put(tokens.cpu())
-        if streamer is not None:
-            streamer.end()
-        return sequence
-
-    def iter_tokens(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        session: InferenceSession | None = None,
-        stop_strings: list[str] | str | None = None,
-        tokenizer=None,
-        **generation_kwargs,
-    ) -> Generator[torch.Tensor, None, None]:
-        """The new tokens of every row, one step at a time, as they are decoded."""
-        config = generation_config(self.generation_config, generation_kwargs)
-        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        stop_strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
-        session = session or self.active_session
-        with contextlib.ExitStack() as stack:
-            if session is None:
-                session = stack.enter_context(self.session(input_ids.shape[1] + max_new_tokens))
-            seen = session.position
-            if seen > input_ids.shape[1]:
-                raise SwarmError(f"the session has seen {seen} positions but input_ids has only {input_ids.shape[1]}")
-            first_logits = session.last_logits if seen == input_ids.shape[1] else None
-            if seen == input_ids.shape[1] and first_logits is None:
-                raise SwarmError("input_ids holds nothing new for this session")
-
-            def next_logits(new_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-                session.last_logits = self.step(session, new_ids, new_mask)
-                return session.last_logits
-
-            yield from decode_tokens(
-                next_logits, input_ids[:, seen:], attention_mask[:, seen:], config, max_new_tokens,
-                stop_strings, tokenizer, first_logits, full_prefix=input_ids[:, :seen], seed=generation_kwargs.get("seed"),
-            )
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for every position, through the peers' stateless forward RPC (no session)."""
-        hidden = self.parts.embed(input_ids)
-        output = loop.run(self._forward(hidden, attention_mask))
-        return self.parts.logits(output)
 
     async def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         await self.view.ensure_fresh()

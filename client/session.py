@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from typing import AsyncIterator, Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -72,16 +72,19 @@ class HopStream:
         next_streams: Sequence[HopStream] = (),
         send: bool = True,
         trace_id: str | None = None,
+        reorder: list[int] | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """This hop's output for new positions, and whether the peer pushed it to the next hop.
 
         With `next_streams`, the peer also pushes its output to those later hops. If the previous hop
-        pushed this input here, `send=False` only waits for the answer.
+        pushed this input here, `send=False` only waits for the answer. `reorder` (beam search) rearranges
+        the rows of the peer's cache before the step, and travels with the push to later hops.
         """
         if send:
             targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps, relay=s.relay)
                        for s in next_streams]
-            request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets, trace_id=trace_id)
+            request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets, trace_id=trace_id,
+                                    reorder=reorder)
             self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
         message, tensors = await self._receive(protocol.StepResult, timeout, probe)
         if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
@@ -175,6 +178,14 @@ class StepTiming(BaseModel):
     hops: list[HopTiming] = []
 
 
+class StepInput(NamedTuple):
+    """What one step sent into a hop, kept for replay: a failover repeats the reorders as well as the inputs."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    reorder: list[int] | None
+
+
 @dataclass
 class Probe:
     """Asks a peer whether it is alive while one of its steps runs long (its event loop never computes)."""
@@ -213,18 +224,28 @@ class InferenceSession:
         self.view, self.settings, self.bans = view, settings, bans
         self.max_length = max_length
         self.streams: list[HopStream] = []
-        self.history: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # inputs entering block b
+        self.history: dict[int, list[StepInput]] = {}  # what entered block b, step by step
         self.position = 0  # positions sent so far
         self.steps = 0
         self.batch_size: int | None = None
         self.closed = False
-        self.last_logits: torch.Tensor | None = None  # set by generate, to continue without new tokens
+        self.pending_reorder: list[int] | None = None  # beam search's choice of rows, sent with the next step
         self.timings: list[StepTiming] = []  # per step, each hop's time as the client saw it
         self.probe = Probe(view, settings.probe_after, settings.probe_timeout)
 
     @property
     def route(self) -> list[Hop]:
         return [s.hop for s in self.streams]
+
+    def reorder(self, rows: list[int]) -> None:
+        """Beam search: from the next step on, row i continues what row rows[i] held (in every peer's cache)."""
+        if self.batch_size is None:
+            return  # nothing is cached yet
+        if len(rows) != self.batch_size or not all(0 <= r < self.batch_size for r in rows):
+            raise SwarmError(f"reorder {rows} does not pick one of the session's {self.batch_size} rows for each row")
+        if self.pending_reorder is not None:  # two reorders before a step: row i takes old row pending[rows[i]]
+            rows = [self.pending_reorder[r] for r in rows]
+        self.pending_reorder = None if rows == list(range(self.batch_size)) else rows
 
     async def step(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, on_last_hop: Callable[[], None] = lambda: None
@@ -248,16 +269,16 @@ class InferenceSession:
         for offset in range(0, hidden.shape[1], chunk):
             part_mask = None if mask is None else mask[:, offset : offset + chunk]
             last_chunk = offset + chunk >= hidden.shape[1]  # an earlier chunk's output is not what the caller uses
-            outputs.append(await self._through_route(
-                hidden[:, offset : offset + chunk], part_mask, on_last_hop if last_chunk else lambda: None))
+            sent = StepInput(hidden[:, offset : offset + chunk], part_mask, self.pending_reorder)
+            outputs.append(await self._through_route(sent, on_last_hop if last_chunk else lambda: None))
+            self.pending_reorder = None
         self.position += hidden.shape[1]
         return torch.cat(outputs, dim=1)
 
-    async def _through_route(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, on_last_hop: Callable[[], None]
-    ) -> torch.Tensor:
+    async def _through_route(self, sent: StepInput, on_last_hop: Callable[[], None]) -> torch.Tensor:
         index, retries = 0, 0
         pushed_to: HopStream | None = None  # the stream the previous hop's peer handed this input to
+        hidden = sent.hidden
         timing = StepTiming(step=self.steps, positions=hidden.shape[1], trace_id=uuid.uuid4().hex[:16])
         started = previous = time.perf_counter()
         while index < len(self.streams):
@@ -267,8 +288,8 @@ class InferenceSession:
             try:
                 later = self.streams[index + 1 :] if self.settings.push else []
                 output, pushed = await stream.step(
-                    hidden, mask, self.settings.step_timeout, self.probe, later, send=stream is not pushed_to,
-                    trace_id=timing.trace_id,
+                    hidden, sent.mask, self.settings.step_timeout, self.probe, later, send=stream is not pushed_to,
+                    trace_id=timing.trace_id, reorder=sent.reorder,
                 )
             except HopFailed as e:
                 retries += 1
@@ -281,7 +302,7 @@ class InferenceSession:
                 await self._replace(index)
                 continue
             # kept only once the hop took it: a failover replays exactly what the failed peer holds
-            self.history.setdefault(stream.hop.start, []).append((hidden, mask))
+            self.history.setdefault(stream.hop.start, []).append(StepInput(hidden, sent.mask, sent.reorder))
             now = time.perf_counter()
             timing.hops.append(HopTiming(peer_id=stream.hop.peer_id, start=stream.hop.start, end=stream.hop.end,
                                          began_ms=round((previous - started) * 1000, 2),
@@ -340,9 +361,10 @@ class InferenceSession:
             try:
                 for stream in new:
                     outputs = []
-                    for hidden, mask in replay:
-                        output, _ = await stream.step(hidden, mask, self.settings.step_timeout, self.probe)
-                        outputs.append((output, mask))
+                    for sent in replay:
+                        output, _ = await stream.step(sent.hidden, sent.mask, self.settings.step_timeout, self.probe,
+                                                      reorder=sent.reorder)
+                        outputs.append(StepInput(output, sent.mask, sent.reorder))
                     if stream.hop.end != failed.end:
                         self.history[stream.hop.end] = outputs
                     replay = outputs

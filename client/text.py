@@ -10,6 +10,7 @@ from jinja2 import TemplateError
 from client.generation import eos_ids
 from client.model import DistributedModelForCausalLM
 from client.session import InferenceSession, StepTiming
+from client.streaming import Generation
 
 FinishReason = Literal["stop", "length"]
 
@@ -130,11 +131,10 @@ class TextStream:
             if session is None:
                 session = stack.enter_context(client.model.session(input_ids.shape[1] + max_new_tokens))
             self.timings = session.timings
-            steps = stack.enter_context(contextlib.closing(client.model.iter_tokens(
-                input_ids, max_new_tokens=max_new_tokens, stop_strings=stop, tokenizer=tokenizer, session=session,
-                **sampling)))
-            for step in steps:
-                tokens.append(int(step[0]))
+            generation = stack.enter_context(contextlib.closing(Generation(
+                client.model, input_ids, session=session, max_new_tokens=max_new_tokens, **sampling)))
+            for token in generation:  # stop strings are ours to find: text is cut where one begins
+                tokens.append(token)
                 self.completion_tokens = len(tokens)
                 text = cast(str, tokenizer.decode(tokens, skip_special_tokens=True))
                 cut = min((text.find(s) for s in stop if s in text), default=-1)

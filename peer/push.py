@@ -40,12 +40,12 @@ class Pusher:
         self._calls: set[asyncio.Task] = set()  # in flight, kept so they are not garbage-collected
 
     def push(self, targets: list[protocol.NextHop], hidden: torch.Tensor, mask: torch.Tensor | None,
-             trace_id: str | None = None) -> asyncio.Future:
+             trace_id: str | None = None, reorder: list[int] | None = None) -> asyncio.Future:
         """Queue an output for targets[0]; the future says whether that peer accepted it."""
         loop = asyncio.get_running_loop()
         target = targets[0]
         item = protocol.PushItem(session_id=target.session_id, step=target.step, next_hops=targets[1:],
-                                 masked=mask is not None, trace_id=trace_id)
+                                 masked=mask is not None, trace_id=trace_id, reorder=reorder)
         queued = _Queued(item, protocol.input_tensors(hidden, mask), loop.create_future())
         if queued.bytes > protocol.MAX_PUSH_BYTES:  # a prefill chunk: the client sends it
             queued.accepted.set_result(False)

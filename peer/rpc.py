@@ -133,7 +133,7 @@ class PeerService:
                     if isinstance(event, _PushedInput):
                         if session is not None and event.step == session.steps:  # else the client's own copy came first
                             yield await self._run_step(session, event.step, event.hidden, event.mask, event.next_hops,
-                                                       event.trace_id)
+                                                       event.trace_id, event.reorder)
                         continue
                     message, tensors = self._received(event)
                     if session is None:
@@ -183,16 +183,21 @@ class PeerService:
         if message.step < session.steps:
             return None  # its pushed copy came first and was answered
         hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
-        return await self._run_step(session, message.step, hidden, mask, message.next_hops, message.trace_id)
+        protocol.check_reorder(message.reorder, session.cache.batch_size)
+        return await self._run_step(session, message.step, hidden, mask, message.next_hops, message.trace_id,
+                                    message.reorder)
 
     async def _run_step(self, session: Session, step: int, hidden: torch.Tensor, mask: torch.Tensor | None,
-                        next_hops: list[protocol.NextHop], trace_id: str | None) -> runtime_pb2.ExpertResponse:
+                        next_hops: list[protocol.NextHop], trace_id: str | None,
+                        reorder: list[int] | None) -> runtime_pb2.ExpertResponse:
+        if reorder is not None:  # the session's steps run one at a time: no pass is using its cache now
+            await self.scheduler.on_device(session.cache.reorder, reorder)
         output = (await self._compute(session.span, hidden, session.cache, mask)).to(hidden.dtype)
         session.steps += 1
         if trace_id is not None:
             logger.debug(f"step {trace_id}: session {session.session_id[:8]} step {step}, "
                          f"{hidden.shape[0]}x{hidden.shape[1]} positions through {session.span.start}:{session.span.end}")
-        pushed = bool(next_hops) and await self._accepted_soon(self.pusher.push(next_hops, output, mask, trace_id))
+        pushed = bool(next_hops) and await self._accepted_soon(self.pusher.push(next_hops, output, mask, trace_id, reorder))
         return self._reply(StepResult(step=step, length=session.cache.length, pushed=pushed), output)
 
     @staticmethod
@@ -226,10 +231,12 @@ class PeerService:
             return False
         try:
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)
+            protocol.check_reorder(item.reorder, session.cache.batch_size)
         except ProtocolError as e:
             logger.debug(f"refused a push for session {item.session_id}: {e}")
             return False
-        session.pushed_inputs.put_nowait(_PushedInput(item.step, hidden, mask, item.next_hops, item.trace_id))
+        session.pushed_inputs.put_nowait(_PushedInput(item.step, hidden, mask, item.next_hops, item.trace_id,
+                                                      item.reorder))
         return True
 
     async def _compute(self, span: Span, hidden: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
@@ -259,6 +266,7 @@ class _PushedInput:
     mask: torch.Tensor | None
     next_hops: list[protocol.NextHop]
     trace_id: str | None
+    reorder: list[int] | None
 
 
 class _End(enum.Enum):

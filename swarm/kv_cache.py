@@ -52,3 +52,11 @@ class KVCache:
         block_keys[:, :, self.length : end] = keys
         block_values[:, :, self.length : end] = values
         return block_keys[:, :, :end].to(keys.dtype), block_values[:, :, :end].to(values.dtype)
+
+    def reorder(self, rows: list[int]) -> None:
+        """Beam search: row i becomes what row rows[i] was, in every block (the positions so far only)."""
+        index = torch.tensor(rows, device=self.valid.device)
+        for block in (*self.keys, *self.values):
+            block[:, :, : self.length] = block[:, :, : self.length].index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        self.seen = self.seen.index_select(0, index)

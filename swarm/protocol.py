@@ -63,6 +63,10 @@ class NextHop(_Message):
     relay: str | None = Field(default=None, max_length=128, description="the relay that reaches a peer behind NAT")
 
 
+# Beam search: before a step, row i of the session's cache becomes what row reorder[i] was (in every block).
+Reorder = Annotated[list[Annotated[int, Field(ge=0, lt=MAX_BATCH)]], Field(min_length=1, max_length=MAX_BATCH)]
+
+
 class Step(_Message):
     """New positions of an open session. Tensors: hidden [batch, new, hidden], optional mask [batch, new].
 
@@ -76,6 +80,7 @@ class Step(_Message):
     step: int = Field(ge=0)
     next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
     trace_id: str | None = Field(default=None, pattern=TRACE_ID)  # the client's name for this step, logged by every hop
+    reorder: Reorder | None = None
 
 
 class PushItem(_Message):
@@ -84,8 +89,9 @@ class PushItem(_Message):
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
     next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
-    masked: bool = False
-    trace_id: str | None = Field(default=None, pattern=TRACE_ID)  # the item's tensors are hidden states and a mask, not hidden states alone
+    masked: bool = False  # the item's tensors are hidden states and a mask, not hidden states alone
+    trace_id: str | None = Field(default=None, pattern=TRACE_ID)
+    reorder: Reorder | None = None  # the step's, passed on: every hop reorders its own cache
 
 
 class Push(_Message):
@@ -256,6 +262,12 @@ def _tensor(proto) -> torch.Tensor:
 def input_tensors(hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """The tensors a step, forward or push carries: hidden states, then the mask if there is one."""
     return (hidden,) if mask is None else (hidden, mask)
+
+
+def check_reorder(reorder: list[int] | None, batch_size: int) -> None:
+    """A reorder must name a row of this session for every row (rows may repeat: two beams from one)."""
+    if reorder is not None and (len(reorder) != batch_size or max(reorder) >= batch_size):
+        raise ProtocolError(f"reorder {reorder} does not pick one of the session's {batch_size} rows for each row")
 
 
 def check_inputs(

@@ -13,6 +13,7 @@ import torch
 import typer
 
 from client import DistributedModelForCausalLM
+from client.streaming import Generation
 
 
 def main(model: str, initial_peers: list[str], ids: str = typer.Option(..., help="prompt token ids, comma-separated"),
@@ -22,8 +23,8 @@ def main(model: str, initial_peers: list[str], ids: str = typer.Option(..., help
     tokens: list[int] = []
     try:
         with swarm.inference_session(max_length=prompt.shape[1] + new) as session:
-            for i, token in enumerate(swarm.iter_tokens(prompt, max_new_tokens=new, eos_token_id=None)):
-                tokens.append(int(token[0]))
+            for i, token in enumerate(Generation(swarm, prompt, session=session, max_new_tokens=new, eos_token_id=None)):
+                tokens.append(token)
                 print(f"token {i} " + json.dumps([hop.peer_id for hop in session.route]), flush=True)
                 time.sleep(pause)
             route = [hop.peer_id for hop in session.route]

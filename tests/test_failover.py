@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from client import DistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
@@ -22,9 +22,13 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def expected():
+def reference():
     path = MODEL.gguf_file
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
     ids = MODEL.tokenizer()(PROMPT, return_tensors="pt").input_ids
     return ids, reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
 
@@ -115,6 +119,36 @@ def test_two_failures_on_different_spans(swarm, model, expected):
 
     assert generate_with_failures(model, ids, {10: fail_hop(0), 30: fail_hop(-1)}) == want
     assert len({v.peer_id for v in victims}) == 2
+
+
+class AtStep(LogitsProcessor):
+    """Calls act() when generate asks for the scores of its k-th step (beam search takes no streamer)."""
+
+    def __init__(self, k: int, act):
+        self.k, self.act, self.calls = k, act, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.k:
+            self.act()
+        return scores
+
+
+def test_peer_killed_mid_beam_search(swarm, model, expected, reference):
+    """The replacement peer gets the reorders with the inputs: its cache holds each beam's own history."""
+    two_per_span(swarm, model)
+    ids, _ = expected
+    settings = dict(max_new_tokens=16, num_beams=3, do_sample=False)
+    killed = []
+    with model.inference_session(max_length=ids.shape[1] + 16) as session:
+        def kill():
+            killed.append(process_of(swarm, session.route[-1].peer_id))
+            killed[-1].signal(signal.SIGKILL)
+
+        ours = model.generate(ids, logits_processor=LogitsProcessorList([AtStep(8, kill)]), **settings)
+        assert any(sent.reorder is not None for sent in session.history[15][:8])  # replayed to the new peer
+    assert ours.tolist() == reference.generate(ids, **settings).tolist()
+    assert killed and killed[0].peer_id not in {hop.peer_id for hop in session.route}
 
 
 def test_peer_killed_while_session_idle(swarm, model, expected):

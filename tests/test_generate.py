@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, pipeline
 
 from client import DistributedModelForCausalLM, SwarmClient
 from swarm.local_swarm import LocalSwarm
@@ -81,7 +81,7 @@ def test_greedy_matches_transformers(swarm_model, reference, tokenizer):
 
     batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
     pad = tokenizer.pad_token_id
-    ours = swarm_model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=32, do_sample=False, pad_token_id=pad)
+    ours = swarm_model.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=32, do_sample=False, pad_token_id=pad)
     theirs = reference.generate(batch.input_ids, batch.attention_mask, max_new_tokens=32, do_sample=False, pad_token_id=pad)
     assert ours.tolist() == theirs.tolist()
 
@@ -118,7 +118,7 @@ def test_forward_logits(swarm_model, reference, tokenizer):
     ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
         expected = reference(ids).logits
-    torch.testing.assert_close(swarm_model(ids), expected, atol=1e-4, rtol=3e-5)  # float32 sums in other orders
+    torch.testing.assert_close(swarm_model(ids).logits, expected, atol=1e-4, rtol=3e-5)  # float32 sums in other orders
 
 
 @pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
@@ -191,3 +191,89 @@ def test_uncovered_blocks_fail_fast(tmp_path):
             assert time.monotonic() - started < 10
         finally:
             model.close()
+
+
+class BanToken(LogitsProcessor):
+    """A user's own processor: one token may never come."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(1, torch.tensor([self.token]), -float("inf"))
+
+
+class StopAfter(StoppingCriteria):
+    """A user's own criterion: stop once the sequence reaches a length."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
+def test_transformers_generate_options(swarm_model, reference, tokenizer):
+    """generate is transformers' own: its options give the tokens (and scores) they give on a local model."""
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    eos = reference.model.generation_config.eos_token_id
+    greedy = reference.generate(ids, max_new_tokens=24, do_sample=False)
+    banned = int(greedy[0, ids.shape[1] + 1])  # the second new token: banning it changes the continuation
+    cases = [
+        dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=int(greedy[0, ids.shape[1] + 2])),
+        dict(max_new_tokens=24, no_repeat_ngram_size=2, do_sample=False),
+        dict(max_new_tokens=24, do_sample=False, logits_processor=LogitsProcessorList([BanToken(banned)]),
+             stopping_criteria=StoppingCriteriaList([StopAfter(ids.shape[1] + 10)])),
+    ]
+    for settings in cases:
+        ours = swarm_model.generate(ids, **settings)
+        assert ours.tolist() == reference.model.generate(ids, **settings).tolist(), settings
+    assert banned not in ours[0, ids.shape[1]:].tolist() and ours.shape[1] == ids.shape[1] + 10
+    assert eos is not None
+
+    settings = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    ours, theirs = swarm_model.generate(ids, **settings), reference.model.generate(ids, **settings)
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    assert len(ours.scores) == len(theirs.scores) == 12
+    for mine, expected in zip(ours.scores, theirs.scores):
+        finite = torch.isfinite(expected)
+        assert torch.equal(finite, torch.isfinite(mine))
+        torch.testing.assert_close(mine[finite], expected[finite], atol=1e-4, rtol=0)
+
+    settings = dict(max_new_tokens=16, do_sample=True, top_k=20, num_return_sequences=2)
+    torch.manual_seed(77)
+    ours = swarm_model.generate(ids, **settings)
+    torch.manual_seed(77)
+    assert ours.tolist() == reference.model.generate(ids, **settings).tolist()
+    assert ours.shape[0] == 2 and ours[0].tolist() != ours[1].tolist()
+
+
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
+def test_beam_search_reorders_the_peers_caches(swarm_model, reference, tokenizer):
+    ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+    settings = dict(max_new_tokens=16, num_beams=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with swarm_model.inference_session(max_length=ids.shape[1] + 16) as session:
+        ours = swarm_model.generate(ids, **settings)
+        reorders = [sent.reorder for sent in session.history[0] if sent.reorder is not None]
+    theirs = reference.model.generate(ids, **settings)
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=0)
+    assert session.batch_size == 3  # one cache row per beam, reordered in place: never a replay
+    assert reorders and any(sorted(r) != list(range(3)) for r in reorders), "no step moved one beam's cache to another"
+    assert session.steps == 16  # the prompt, then one step per token but the last
+
+
+@pytest.mark.parametrize("swarm_model", ["three peers"], indirect=True)  # token parity above covers every split
+def test_pipeline_and_per_call_seed(swarm_model, reference, tokenizer):
+    ours = pipeline("text-generation", model=swarm_model, tokenizer=tokenizer)
+    theirs = pipeline("text-generation", model=reference.model, tokenizer=tokenizer)
+    settings = dict(max_new_tokens=16, do_sample=False)
+    assert ours(PROMPTS[1], **settings)[0]["generated_text"] == theirs(PROMPTS[1], **settings)[0]["generated_text"]
+
+    ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+    with ThreadPoolExecutor(3) as pool:  # the seeded ones repeat themselves while a third samples the global RNG
+        runs = [pool.submit(swarm_model.generate, ids, max_new_tokens=12, do_sample=True, **extra)
+                for extra in (dict(seed=5), dict(), dict(seed=5))]
+        first, _, again = (run.result().tolist() for run in runs)
+    assert first == again

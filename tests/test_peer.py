@@ -157,6 +157,8 @@ def bad_inputs():
         ("torn tensor", torn, "needs"),
         ("wrong batch", step(torch.randn(2, 1, HIDDEN)), "batch size"),
         ("skips ahead", protocol.pack_request(Step(session_id="victim", step=7), good), "skips ahead"),
+        ("reorder past the rows", protocol.pack_request(Step(session_id="victim", step=1, reorder=[1]), good),
+         "does not pick one of the session's 1 rows"),
     ]
 
 

@@ -203,3 +203,19 @@ def test_span_without_cache_equals_cached_prefill_padded(family, tiny_model_path
     # and the mask matters: without it the padded row's real positions change
     unmasked = span.forward(hidden)
     assert max_diff(unmasked[real], without[real]) > 1e-3
+
+
+def test_reordered_cache_continues_the_rows_it_names(tiny_model_path):
+    """Beam search's reorder: after it, each row's next step sees the history of the row it names, padding included."""
+    model = resolve_model(str(tiny_model_path("llama")))
+    span, parts = Span(model, 0, 4), ClientParts(model)
+    ids, mask = padded_batch(seed=2)
+    rows = [ids.shape[0] - 1, 0, 0][: ids.shape[0]]
+    step = parts.embed(torch.randint(3, VOCAB_SIZE, (len(rows), 1), generator=torch.Generator().manual_seed(3)))
+    reordered = span.new_cache(ids.shape[0], ids.shape[1] + 1)
+    span.forward(parts.embed(ids), reordered, attention_mask=mask)
+    reordered.reorder(rows)
+    fresh = span.new_cache(len(rows), ids.shape[1] + 1)  # the named rows' prompts, computed from scratch
+    span.forward(parts.embed(ids[rows]), fresh, attention_mask=mask[rows])
+    torch.testing.assert_close(span.forward(step, reordered, attention_mask=torch.ones(len(rows), 1)),
+                               span.forward(step, fresh, attention_mask=torch.ones(len(rows), 1)), rtol=0, atol=1e-6)
