@@ -28,6 +28,7 @@ from swarm import protocol
 from swarm.client_parts import ClientParts
 from swarm.dht import SwarmDHT
 from swarm.errors import RouteError, SwarmError
+from swarm.membership import SwarmKey
 from swarm.reference import ResolvedModel, resolve_model
 
 
@@ -47,7 +48,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if self.generation_config.pad_token_id is None and (eos := eos_ids(self.generation_config)):
             self.generation_config.pad_token_id = eos[0]  # what transformers falls back to, without its warning per call
         self.bans = Bans(settings.ban_seconds, settings.max_ban_seconds)
-        self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True))
+        swarm_key = SwarmKey.load(settings.swarm_key) if settings.swarm_key else None
+        self.dht = loop.run(SwarmDHT.create(settings.initial_peers, client_mode=True, swarm_key=swarm_key))
         self.view = SwarmView(self.dht, model, settings.refresh_period, dtype=settings.dtype, quant=settings.quant)
         self._local = threading.local()  # the session opened by inference_session(), per calling thread
 
@@ -160,7 +162,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         except RouteError as e:
             raise self.view.explained(e) from None
         for hop in route:
-            request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end),
+            request = protocol.pack_request(protocol.ForwardRequest(start=hop.start, end=hop.end, member=self.dht.member_token),
                                             *protocol.input_tensors(hidden, mask))
             message, tensors = await asyncio.wait_for(self._call_forward(hop.peer_id, request), self.settings.step_timeout)
             if isinstance(message, protocol.ErrorReply):

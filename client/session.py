@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class HopStream:
         self.hop, self.placement = hop, placement  # the placement counts this stream in the peer's load until closed
         self.relay: str | None = None  # the relay this stream goes through, for a peer behind NAT
         self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
+        self.push_token = secrets.token_hex(16)  # told only to the hops before this one, so only they can push here
         self.steps = 0  # steps this peer has answered: the number of the next one
         self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None  # once opened
@@ -52,8 +54,8 @@ class HopStream:
                 yield item
 
         message = protocol.OpenSession(
-            session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=max_length, batch_size=batch_size
-        )
+            session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=max_length,
+            batch_size=batch_size, push_token=self.push_token, member=view.dht.member_token)
         self._queue.put_nowait(protocol.pack_request(message))
         self.relay = await view.reach(self.hop.peer_id)
         try:
@@ -81,8 +83,8 @@ class HopStream:
         the rows of the peer's cache before the step, and travels with the push to later hops.
         """
         if send:
-            targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps, relay=s.relay)
-                       for s in next_streams]
+            targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps,
+                                        token=s.push_token, relay=s.relay) for s in next_streams]
             request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets, trace_id=trace_id,
                                     reorder=reorder)
             self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
@@ -106,7 +108,7 @@ class HopStream:
         except Exception as e:
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} failed: {e or type(e).__name__}") from None
         if isinstance(message, protocol.ErrorReply):
-            if message.code == "bad_request":  # our own input was wrong: no other peer would take it either
+            if message.code in ("bad_request", "not_member"):  # ours to mend: no other peer would take it either
                 raise ProtocolError(f"peer {self.hop.peer_id[-8:]} rejected our request: {message.message}")
             raise HopFailed(f"peer {self.hop.peer_id[-8:]} refused: {message.message}", message.code)
         if isinstance(message, protocol.Leaving):

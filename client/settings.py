@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +24,7 @@ class ClientSettings(BaseModel):
         default=None, description="the route's precision: the client's parts and every peer compute in it; "
                                   "default: parts in float32, peers in any")
     quant: QuantName | None = Field(default=None, description="only peers keeping their weights so; default: any")
+    swarm_key: Path | None = Field(default=None, description="a private swarm's key file: use its members only")
     connect_timeout: float = Field(default=10.0, gt=0, description="seconds to open a session on a peer")
     step_timeout: float = Field(default=30.0, gt=0, description="seconds a peer gets to answer one step")
     route_timeout: float = Field(default=5.0, ge=0, description="seconds to wait for missing blocks to appear")

@@ -31,6 +31,8 @@ def serve(
     port: Optional[int] = typer.Option(None, help="TCP port to listen on (default: any free port)."),
     announce_maddrs: Optional[list[str]] = typer.Option(None, help="Multiaddrs others should reach this peer at."),
     identity: Optional[Path] = typer.Option(None, help="Private key file: keeps the same peer id across restarts."),
+    swarm_key: Optional[Path] = typer.Option(
+        None, help="A private swarm's key file (64 hex digits): serve and call its members only."),
     dtype: Optional[str] = typer.Option(
         None, help="float32, bfloat16 or float16 (default: float16 on a GPU; on a CPU the faster of float32 and "
                    "float16, measured once)."),
@@ -75,6 +77,14 @@ def serve(
     if not settings.new_swarm and not settings.initial_peers:
         err.print(f"[red]error:[/red] no swarm to join.\n{JOIN_HELP}")
         raise typer.Exit(2)
+    if settings.swarm_key is not None:
+        from swarm.membership import SwarmKey
+
+        try:
+            SwarmKey.load(settings.swarm_key)
+        except SwarmError as e:
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2)
 
     import uvloop
 

@@ -44,7 +44,7 @@ class Pusher:
         """Queue an output for targets[0]; the future says whether that peer accepted it."""
         loop = asyncio.get_running_loop()
         target = targets[0]
-        item = protocol.PushItem(session_id=target.session_id, step=target.step, next_hops=targets[1:],
+        item = protocol.PushItem(session_id=target.session_id, step=target.step, token=target.token, next_hops=targets[1:],
                                  masked=mask is not None, trace_id=trace_id, reorder=reorder)
         queued = _Queued(item, protocol.input_tensors(hidden, mask), loop.create_future())
         if queued.bytes > protocol.MAX_PUSH_BYTES:  # a prefill chunk: the client sends it
@@ -64,7 +64,8 @@ class Pusher:
             task.add_done_callback(self._calls.discard)
 
     async def _send(self, peer_id: str, chunk: list[_Queued]) -> None:
-        request = protocol.pack_request(protocol.Push(items=[q.item for q in chunk]), *(t for q in chunk for t in q.tensors))
+        request = protocol.pack_request(protocol.Push(items=[q.item for q in chunk], member=self.dht.member_token),
+                                        *(t for q in chunk for t in q.tensors))
         accepted = [False] * len(chunk)
         try:
             reply = await asyncio.wait_for(self.dht.call(peer_id, protocol.PUSH, request, self._relays.get(peer_id)),

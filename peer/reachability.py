@@ -17,6 +17,8 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.dht import SwarmDHT
+from swarm.errors import SwarmError
+from swarm.membership import NOT_MEMBER, SwarmKey, admits_call
 
 logger = logging.getLogger("swarm-serve")
 CONNECT_TIMEOUT = 3.0  # seconds a checker waits for each TCP connection
@@ -37,8 +39,9 @@ class Reach:
         return not self.relays
 
 
-async def serve_checks(p2p: P2P, relays: bool) -> None:
-    """Answer other peers' reachability checks; RELAYS: whether this peer relays for peers behind NAT."""
+async def serve_checks(p2p: P2P, relays: bool, swarm_key: SwarmKey | None = None) -> None:
+    """Answer other peers' reachability checks; RELAYS: whether this peer relays for peers behind NAT.
+    In a private swarm (SWARM_KEY), only members' checks."""
     one_at_a_time = asyncio.Semaphore(1)  # a check costs little, but nobody may turn us into a port scanner
 
     async def check(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -48,6 +51,8 @@ async def serve_checks(p2p: P2P, relays: bool) -> None:
             return protocol.pack_response(protocol.ErrorReply(code="bad_request", message=str(e)))
         if not isinstance(message, protocol.ReachabilityCheck):
             return protocol.pack_response(protocol.ErrorReply(code="bad_request", message="expected a reachability check"))
+        if not admits_call(swarm_key, message.member):
+            return protocol.pack_response(protocol.ErrorReply(code="not_member", message=NOT_MEMBER))
         async with one_at_a_time:
             results = await asyncio.gather(*(_connects(m) for m in message.maddrs))
         reachable = [m for m, ok in zip(message.maddrs, results) if ok]
@@ -92,7 +97,7 @@ async def check_reachability(dht: SwarmDHT, initial_peers: list[str], maddrs: li
 
 
 async def _ask(dht: SwarmDHT, checker: str, addresses: list[str]) -> protocol.Reachability | None:
-    request = protocol.pack_request(protocol.ReachabilityCheck(maddrs=addresses))
+    request = protocol.pack_request(protocol.ReachabilityCheck(maddrs=addresses, member=dht.member_token))
     try:
         reply = await asyncio.wait_for(dht.call(checker.rsplit("/p2p/", 1)[1], protocol.REACHABILITY, request),
                                        CHECK_TIMEOUT)
@@ -100,4 +105,6 @@ async def _ask(dht: SwarmDHT, checker: str, addresses: list[str]) -> protocol.Re
     except Exception as e:
         logger.debug(f"reachability check by {checker} failed: {e!r}")
         return None
+    if isinstance(message, protocol.ErrorReply) and message.code == "not_member":
+        raise SwarmError(f"peer {checker.rsplit('/p2p/', 1)[1][-8:]} refused us: {message.message}")
     return message if isinstance(message, protocol.Reachability) else None

@@ -20,6 +20,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.dht import SwarmDHT
+from swarm.membership import NOT_MEMBER, admits_call
 
 logger = logging.getLogger("swarm-serve")
 
@@ -51,6 +52,9 @@ class RelayService:
             return
         if not isinstance(message, protocol.RelayOpen):
             yield _refusal("a relay stream starts with a relay message")
+            return
+        if not admits_call(self.dht.swarm_key, message.member):
+            yield protocol.pack_response(protocol.ErrorReply(code="not_member", message=NOT_MEMBER))
             return
         target = message.target
         if self.open[target] >= self.limits.streams:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from peer.sessions import Session, SessionRefused, SessionRegistry
 from swarm import protocol
 from swarm.errors import ProtocolError
 from swarm.kv_cache import KVCache
+from swarm.membership import NOT_MEMBER, SwarmKey, admits_call
 from swarm.protocol import ErrorReply, Leaving, Opened, OpenSession, PushReply, Step, StepResult
 from swarm.span import Span
 
@@ -43,9 +45,10 @@ class PeerService:
         announcer: Announcer,
         metrics: PeerMetrics,
         idle_timeout: float,
+        swarm_key: SwarmKey | None = None,
     ):
         self.span, self.sessions, self.scheduler, self.pusher, self.announcer = span, sessions, scheduler, pusher, announcer
-        self.metrics = metrics
+        self.metrics, self.swarm_key = metrics, swarm_key
         self.idle_timeout = idle_timeout
         self.leaving = asyncio.Event()
         self.steps_in_flight = 0
@@ -59,7 +62,19 @@ class PeerService:
         await p2p.add_protobuf_handler(protocol.PUSH, self.rpc_push, ExpertRequest)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return self._reply(self.info())
+        try:
+            message, _ = self._received(request)
+        except ProtocolError as e:
+            return self._reply(ErrorReply(code="bad_request", message=str(e)))
+        if not isinstance(message, protocol.InfoRequest):
+            return self._reply(ErrorReply(code="bad_request", message=f"expected an info request, got {message.type!r}"))
+        return self._refusal(message) or self._reply(self.info())
+
+    def _refusal(self, message: protocol.RequestMessage) -> runtime_pb2.ExpertResponse | None:
+        """The answer to a caller a private swarm does not admit, if this one is such."""
+        if admits_call(self.swarm_key, getattr(message, "member", None)):
+            return None
+        return self._reply(ErrorReply(code="not_member", message=NOT_MEMBER))
 
     def _reply(self, message: protocol.ResponseMessage, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
         """A response, counted: its bytes, and its error code if it refuses."""
@@ -99,6 +114,8 @@ class PeerService:
             message, tensors = self._received(request)
             if not isinstance(message, protocol.ForwardRequest):
                 raise ProtocolError(f"expected a forward request, got {message.type!r}")
+            if (refusal := self._refusal(message)) is not None:
+                return refusal
             part = self.span.subspan(message.start, message.end)
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size)
             cache = await self.scheduler.on_device(part.new_cache, *hidden.shape[:2])
@@ -159,13 +176,15 @@ class PeerService:
     async def _open(self, message: protocol.RequestMessage, remote: str) -> Session:
         if not isinstance(message, OpenSession):
             raise ProtocolError(f"the first message of a session must open it, got {message.type!r}")
+        if not admits_call(self.swarm_key, message.member):
+            raise SessionRefused("not_member", NOT_MEMBER)
         try:
             part = self.span.subspan(message.start, message.end)
         except ProtocolError as e:  # blocks outside the span: the client's view is stale
             raise SessionRefused("not_served", str(e)) from None
         self.sessions.reserve(message.session_id, message.batch_size, message.max_length)
         cache = await self.scheduler.on_device(part.new_cache, message.batch_size, message.max_length)
-        session = Session(message.session_id, part, cache)
+        session = Session(message.session_id, part, cache, message.push_token)
         self.sessions.add(session)  # checks the budget again: another session may have opened meanwhile
         logger.info(f"session {message.session_id} opened by {remote[-8:]}: blocks {message.start}:{message.end}, "
                     f"{message.batch_size}x{message.max_length} tokens")
@@ -218,6 +237,8 @@ class PeerService:
                 raise ProtocolError(f"{len(message.items)} push items do not match {len(tensors)} tensors")
         except ProtocolError as e:
             return self._reply(ErrorReply(code="bad_request", message=str(e)))
+        if (refusal := self._refusal(message)) is not None:
+            return refusal
         accepted, offset = [], 0
         for item, count in zip(message.items, counts):
             accepted.append(self._accept_push(item, tensors[offset : offset + count]))
@@ -228,6 +249,9 @@ class PeerService:
     def _accept_push(self, item: protocol.PushItem, tensors: list[torch.Tensor]) -> bool:
         session = self.sessions.sessions.get(item.session_id)
         if session is None or item.step != session.steps:  # unknown, or the client's copy came first
+            return False
+        if session.push_token is None or not hmac.compare_digest(item.token, session.push_token):
+            logger.debug(f"refused a push for session {item.session_id}: not the token its client gave its route")
             return False
         try:
             hidden, mask = protocol.check_inputs(tensors, self.span.config.hidden_size, session.cache.batch_size)

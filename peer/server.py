@@ -30,6 +30,7 @@ from swarm.dht import SwarmDHT
 from swarm.dtypes import DTypeName
 from swarm.errors import SwarmError
 from swarm.families import family_of
+from swarm.membership import SwarmKey
 from swarm.records import PeerState
 from swarm.reference import ResolvedModel, resolve_model
 from swarm.quantized import check_quantizable
@@ -105,10 +106,11 @@ class Peer:
         relays among the peers it joined through. Nobody to check us (a new swarm): taken as reachable."""
         settings = self.settings
         identity = str(settings.identity) if settings.identity else None
+        swarm_key = SwarmKey.load(settings.swarm_key) if settings.swarm_key else None
         dht = await SwarmDHT.create(settings.initial_peers, host=settings.host, port=settings.port,
-                                    announce_maddrs=settings.announce_maddrs, identity_path=identity)
+                                    announce_maddrs=settings.announce_maddrs, identity_path=identity, swarm_key=swarm_key)
         relaying = settings.relay_streams > 0
-        await serve_checks(dht.p2p, relays=relaying)
+        await serve_checks(dht.p2p, relays=relaying, swarm_key=swarm_key)
         maddrs = await dht.visible_maddrs()
         verdict = await check_reachability(dht, settings.initial_peers, maddrs)
         if verdict.reachable or verdict.reachable is None:
@@ -128,7 +130,7 @@ class Peer:
                 "/ip4/PUBLIC_IP/tcp/PORT, or join through a reachable peer that relays (--relay-streams > 0)")
         relays = verdict.relays[:MAX_RELAYS]
         dht = await SwarmDHT.create(relays, host=settings.host, port=settings.port, identity_path=identity,
-                                    client_mode=True)
+                                    client_mode=True, swarm_key=swarm_key)
         relay_ids = [m.rsplit("/p2p/", 1)[1] for m in relays]
         logger.info(f"not reachable directly (behind NAT or a firewall): others reach this peer through "
                     f"{len(relay_ids)} relay(s): {', '.join(r[-8:] for r in relay_ids)}")
@@ -165,7 +167,8 @@ class Peer:
         scheduler = StepScheduler(self.compute, settings.max_batch_rows, settings.max_batch_tokens, settings.max_batch_wait,
                                   self.metrics, load, self.device)
         pusher = Pusher(dht, self.metrics)
-        service = PeerService(span, sessions, scheduler, pusher, announcer, self.metrics, settings.session_idle_timeout)
+        service = PeerService(span, sessions, scheduler, pusher, announcer, self.metrics, settings.session_idle_timeout,
+                              dht.swarm_key)
         await service.register(dht.p2p)
         await announcer.announce(PeerState.online, throughput)
         tasks = [asyncio.create_task(announcer.run()), asyncio.create_task(self._watch_swarm(model, dht, service)),

@@ -26,6 +26,7 @@ class Session:
     session_id: str
     span: Span  # the part of the peer's span this hop uses
     cache: KVCache
+    push_token: str | None = None  # what a push must carry: only the client and the hops it told can push
     steps: int = 0  # steps computed: the number of the next one
     pushed_inputs: asyncio.Queue = field(default_factory=asyncio.Queue)  # inputs other peers pushed for this session
 

@@ -28,6 +28,7 @@ class PeerSettings(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     announce_maddrs: list[str] = []
     identity: Path | None = None
+    swarm_key: Path | None = Field(default=None, description="a private swarm's key file: its members only")
     dtype: DTypeName | None = Field(default=None, description="default: float16 on a GPU; on a CPU the faster of "
                                                                "float32 and float16, measured (peer/precision.py)")
     quant: QuantName = Field(default="none", description="keep the blocks' linear weights as int8 or int4")

@@ -21,6 +21,7 @@ from swarm import protocol
 from swarm.errors import SwarmError
 from swarm.identity import prepare_identity
 from swarm.lifetime import die_with_parent
+from swarm.membership import SwarmKey
 from swarm.records import (
     REGISTRY_KEY,
     BlockAnnouncement,
@@ -52,8 +53,21 @@ class SwarmDHT:
     one prefill of a small model (docs/operations.md).
     """
 
-    def __init__(self, p2p: P2P, node: DHTNode, signer: RSASignatureValidator):
-        self.p2p, self.node, self.signer = p2p, node, signer
+    def __init__(self, p2p: P2P, node: DHTNode, signer: RSASignatureValidator, swarm_key: SwarmKey | None = None):
+        self.p2p, self.node, self.signer, self.swarm_key = p2p, node, signer, swarm_key
+
+    @property
+    def member_token(self) -> str | None:
+        """What this node's calls carry: in a private swarm, the token its peers admit members by."""
+        return None if self.swarm_key is None else self.swarm_key.call_token
+
+    def _is_member(self, peer_id: str, proof: str | None) -> bool:
+        return self.swarm_key is None or self.swarm_key.admits_record(peer_id, proof)
+
+    def _proved(self, record: Any) -> Any:
+        """The record with this node's membership proof, in a private swarm."""
+        return record if self.swarm_key is None else record.model_copy(
+            update={"member_proof": self.swarm_key.record_proof(str(self.peer_id))})
 
     @classmethod
     async def create(
@@ -65,8 +79,10 @@ class SwarmDHT:
         announce_maddrs: list[str] | None = None,
         identity_path: str | None = None,
         client_mode: bool = False,
+        swarm_key: SwarmKey | None = None,
     ) -> "SwarmDHT":
-        """IDENTITY_PATH: the private key file of the peer id (made if missing; without it, a new identity)."""
+        """IDENTITY_PATH: the private key file of the peer id (made if missing; without it, a new identity).
+        With SWARM_KEY, a member of that private swarm: it stores, reads and calls members only."""
         identity, key, existed = prepare_identity(identity_path)
         try:
             with _daemon_in_its_own_session():
@@ -91,13 +107,13 @@ class SwarmDHT:
                 p2p=p2p,
                 initial_peers=initial_peers or None,
                 client_mode=client_mode,
-                record_validator=CompositeValidator([signer, RecordSchemaValidator()]),
+                record_validator=CompositeValidator([signer, RecordSchemaValidator(swarm_key)]),
                 wait_timeout=5,
             )
         except Exception as e:
             await p2p.shutdown()
             raise SwarmError(f"cannot join the swarm through {', '.join(initial_peers)}: {e}") from None
-        return cls(p2p, node, signer)
+        return cls(p2p, node, signer, swarm_key)
 
     @property
     def peer_id(self) -> PeerID:
@@ -131,7 +147,7 @@ class SwarmDHT:
         if relay is None or relay == str(self.peer_id):
             return await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), rpc, requests,
                                                            runtime_pb2.ExpertResponse)
-        opening = protocol.pack_request(protocol.RelayOpen(target=peer_id, rpc=rpc))
+        opening = protocol.pack_request(protocol.RelayOpen(target=peer_id, rpc=rpc, member=self.member_token))
         return await self.p2p.iterate_protobuf_handler(PeerID.from_base58(relay), protocol.RELAY,
                                                        _after(opening, requests), runtime_pb2.ExpertResponse)
 
@@ -145,7 +161,7 @@ class SwarmDHT:
 
     async def announce_blocks(self, dht_prefix: str, record: BlockAnnouncement, expiration_time: float) -> None:
         keys = [block_key(dht_prefix, i) for i in range(record.start, record.end)]
-        value = record.model_dump(mode="json")
+        value = self._proved(record).model_dump(mode="json")
         subkey = self.own_subkey()
         # not await_all_replicas: a hung node on the DHT path must not stall announcements past their expiry
         await self.node.store_many(
@@ -155,7 +171,8 @@ class SwarmDHT:
     async def register_model(self, registration: ModelRegistration, expiration_time: float) -> None:
         subkey = self.own_subkey(f"{registration.dht_prefix} ")
         await self.node.store(
-            REGISTRY_KEY, registration.model_dump(mode="json"), expiration_time, subkey=subkey, await_all_replicas=False
+            REGISTRY_KEY, self._proved(registration).model_dump(mode="json"), expiration_time, subkey=subkey,
+            await_all_replicas=False
         )
 
     async def read_blocks(self, dht_prefix: str, num_blocks: int) -> list[dict[str, PeerRecord]]:
@@ -171,7 +188,8 @@ class SwarmDHT:
                 for subkey, item in entry.value.items():
                     record = _parse(item.value, BlockAnnouncement)
                     peer = owner_of_subkey(subkey)
-                    if record is None or item.expiration_time < now or peer is None:
+                    if record is None or item.expiration_time < now or peer is None \
+                            or not self._is_member(peer, record.member_proof):
                         continue
                     if peer not in peers or peers[peer].expiration_time < item.expiration_time:
                         peers[peer] = PeerRecord(peer, record, item.expiration_time)
@@ -183,8 +201,8 @@ class SwarmDHT:
         models: dict[str, ModelRegistration] = {}
         if entry is not None and isinstance(entry.value, dict):
             for subkey, item in entry.value.items():
-                record = _parse(item.value, ModelRegistration)
-                if record is not None and owner_of_subkey(subkey) is not None:
+                record, owner = _parse(item.value, ModelRegistration), owner_of_subkey(subkey)
+                if record is not None and owner is not None and self._is_member(owner, record.member_proof):
                     models[record.dht_prefix] = record
         return sorted(models.values(), key=lambda m: m.name)
 
@@ -192,7 +210,8 @@ class SwarmDHT:
         """Seconds an `info` call takes to come back, or None: a peer the DHT lists may be dead or unreachable."""
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(self.call(peer_id, protocol.INFO, protocol.pack_request(protocol.InfoRequest()), relay),
+            await asyncio.wait_for(self.call(peer_id, protocol.INFO, protocol.pack_request(protocol.InfoRequest(member=self.member_token)),
+                                             relay),
                                    timeout)
         except Exception:
             return None

@@ -36,6 +36,8 @@ HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
 MASK_DTYPES = {"bool", "int64", "int32"}
 SESSION_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
 TRACE_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+PUSH_TOKEN = r"^[0-9a-f]{32}$"  # 128 random bits
+MEMBER_TOKEN = r"^[0-9a-f]{64}$"  # an HMAC-SHA256
 M = TypeVar("M")
 
 
@@ -43,7 +45,13 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class OpenSession(_Message):
+class _Call(_Message):
+    """The first message of a call: in a private swarm it carries the members' token (swarm/membership.py)."""
+
+    member: str | None = Field(default=None, pattern=MEMBER_TOKEN)
+
+
+class OpenSession(_Call):
     """First message of an inference stream. The hop may use only part of the peer's span."""
 
     type: Literal["open"] = "open"
@@ -52,6 +60,8 @@ class OpenSession(_Message):
     end: int = Field(gt=0)
     max_length: int = Field(gt=0, le=MAX_LENGTH)
     batch_size: int = Field(gt=0, le=MAX_BATCH)
+    push_token: str | None = Field(default=None, pattern=PUSH_TOKEN,
+                                   description="the secret a push into this session must carry; none: no pushes")
 
 
 class NextHop(_Message):
@@ -60,6 +70,7 @@ class NextHop(_Message):
     peer_id: str = Field(min_length=1, max_length=128)
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
+    token: str = Field(pattern=PUSH_TOKEN, description="that session's push token, which the client gave only to its route")
     relay: str | None = Field(default=None, max_length=128, description="the relay that reaches a peer behind NAT")
 
 
@@ -88,13 +99,14 @@ class PushItem(_Message):
 
     session_id: str = Field(pattern=SESSION_ID)
     step: int = Field(ge=0)
+    token: str = Field(pattern=PUSH_TOKEN)  # the receiving session's push token, from the NextHop
     next_hops: list[NextHop] = Field(default=[], max_length=MAX_NEXT_HOPS)
     masked: bool = False  # the item's tensors are hidden states and a mask, not hidden states alone
     trace_id: str | None = Field(default=None, pattern=TRACE_ID)
     reorder: Reorder | None = None  # the step's, passed on: every hop reorders its own cache
 
 
-class Push(_Message):
+class Push(_Call):
     """Sent by a peer to the next hop: inputs of steps of its sessions, as the client would send them.
 
     Tensors: each item's hidden states, then its mask if `masked`, in the order of `items`. The steps
@@ -105,7 +117,7 @@ class Push(_Message):
     items: list[PushItem] = Field(min_length=1, max_length=MAX_PUSH_ITEMS)
 
 
-class ForwardRequest(_Message):
+class ForwardRequest(_Call):
     """A whole sequence through blocks [start, end), no cache. Tensors as in `Step`."""
 
     type: Literal["forward"] = "forward"
@@ -113,18 +125,18 @@ class ForwardRequest(_Message):
     end: int = Field(gt=0)
 
 
-class InfoRequest(_Message):
+class InfoRequest(_Call):
     type: Literal["info"] = "info"
 
 
-class ReachabilityCheck(_Message):
+class ReachabilityCheck(_Call):
     """Asks a peer to open a TCP connection to each address, as a stranger would (each `/ip4/A/tcp/P`)."""
 
     type: Literal["reachability_check"] = "reachability_check"
     maddrs: list[Annotated[str, Field(max_length=MAX_MADDR_CHARS)]] = Field(min_length=1, max_length=MAX_CHECKED_ADDRS)
 
 
-class RelayOpen(_Message):
+class RelayOpen(_Call):
     """First message to a relay: forward the rest of this stream to RPC of TARGET, and its responses back."""
 
     type: Literal["relay"] = "relay"
@@ -165,7 +177,8 @@ class StepResult(_Message):
 
 ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal",
                     "not_served",  # the peer does not serve those blocks (any more): the client's view was stale
-                    "relay"]  # a relay ended the stream at its limits, or cannot reach the peer
+                    "relay",  # a relay ended the stream at its limits, or cannot reach the peer
+                    "not_member"]  # a private swarm's peer refuses a caller without its key
 
 
 class ErrorReply(_Message):

@@ -14,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from swarm.dtypes import DTypeName, QuantName
 from swarm.identity import peer_id_of_key
+from swarm.membership import SwarmKey
 from swarm.protocol import MAX_MADDR_CHARS
 
 REGISTRY_KEY = "swarm-llm.models"  # every model a swarm serves, so tools need not be told their names
 OWNER_MARK = "[owner:"  # how hivemind's signature validator marks a signed subkey
 MAX_BLOCKS = 10_000
+MEMBER_PROOF = r"^[0-9a-f]{64}$"  # an HMAC-SHA256 of the owner's peer id
 
 
 def block_key(dht_prefix: str, block: int) -> str:
@@ -71,6 +73,7 @@ class BlockAnnouncement(_Record):
     public_name: str | None = Field(default=None, max_length=64)
     dtype: DTypeName
     quant: QuantName = "none"
+    member_proof: str | None = Field(default=None, pattern=MEMBER_PROOF, description="in a private swarm (swarm/membership.py)")
     load: Load | None = None
     relays: list[Annotated[str, Field(max_length=128)]] = Field(
         default=[], max_length=4, description="peer ids of the relays it is reached through; none: reached directly")
@@ -92,6 +95,7 @@ class ModelRegistration(_Record):
     dht_prefix: str = Field(max_length=128, pattern=r"^[a-z0-9-]+$")
     num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     model_type: str = Field(max_length=64)
+    member_proof: str | None = Field(default=None, pattern=MEMBER_PROOF, description="in a private swarm (swarm/membership.py)")
 
 
 Record = Annotated[Union[BlockAnnouncement, ModelRegistration], Field(discriminator="kind")]
@@ -103,24 +107,29 @@ def parse_record(value: object) -> BlockAnnouncement | ModelRegistration:
 
 
 class RecordSchemaValidator(RecordValidatorBase):
-    """Accept only values that are one of our records (after hivemind strips the signature)."""
+    """Accept only values that are one of our records (after hivemind strips the signature); in a private
+    swarm (with its key), only those of members."""
+
+    def __init__(self, swarm_key: SwarmKey | None = None):
+        self.swarm_key = swarm_key
 
     def validate(self, record: DHTRecord) -> bool:
         try:  # validators see the subkey as hivemind serialized it
             subkey = msgpack.unpackb(record.subkey, raw=False)
         except Exception:
             return False
-        if owner_of_subkey(subkey) is None:
+        owner = owner_of_subkey(subkey)
+        if owner is None:
             return False  # unsigned, or signed by a key that is not the named peer's: a forgery
         try:
-            parse_record(msgpack.unpackb(record.value, raw=False, strict_map_key=False))
+            value = parse_record(msgpack.unpackb(record.value, raw=False, strict_map_key=False))
         except Exception:
             return False
-        return True
+        return self.swarm_key is None or self.swarm_key.admits_record(owner, value.member_proof)
 
     @property
     def priority(self) -> int:
         return 5  # below the signature validator (10): runs on the stripped value
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        return isinstance(other, RecordSchemaValidator)
+        return isinstance(other, RecordSchemaValidator) and other.swarm_key is self.swarm_key

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -104,16 +105,20 @@ def test_inference_and_forward_match_local_span(swarm, dht, local_span):
 def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
     """Peer 0 pushes its output to peer 1's session and tells us peer 1 accepted it: peer 1 answers without
     a message from us, and a late copy of that input is a duplicate it ignores. A push peer 1 refuses
-    (not the session's next step) is reported as not pushed, so the client sends its own copy."""
+    (not the session's next step) is reported as not pushed, so the client sends its own copy. A push
+    without the session's token, from a third party or a hop told a wrong one, is refused, and the
+    session goes on exactly."""
     torch.manual_seed(2)
     first, second = swarm.peers[0].peer_id, swarm.peers[1].peer_id
     tail = Span(MODEL, 10, 12)
     head_cache, tail_cache = local_span.new_cache(1, 16), tail.new_cache(1, 16)
     a, b = RawStream(dht, first), RawStream(dht, second)
     a.send(protocol.pack_request(OpenSession(session_id="push-a", start=0, end=10, max_length=16, batch_size=1)))
-    b.send(protocol.pack_request(OpenSession(session_id="push-b", start=10, end=12, max_length=16, batch_size=1)))
+    token = secrets.token_hex(16)
+    b.send(protocol.pack_request(OpenSession(session_id="push-b", start=10, end=12, max_length=16, batch_size=1,
+                                             push_token=token)))
     for step, x in enumerate([torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)]):
-        target = protocol.NextHop(peer_id=second, session_id="push-b", step=step)
+        target = protocol.NextHop(peer_id=second, session_id="push-b", step=step, token=token)
         reply, (middle,) = a.send(protocol.pack_request(Step(session_id="push-a", step=step, next_hops=[target]), x))
         assert reply.pushed
         torch.testing.assert_close(middle, local_span.forward(x, head_cache), **FLOAT32_SUMS)
@@ -125,9 +130,19 @@ def test_push_hands_the_output_to_the_next_hop(swarm, dht, local_span):
     reply, (out,) = b.send(protocol.pack_request(Step(session_id="push-b", step=2), x))
     assert reply.step == 2 and reply.length == 6
     torch.testing.assert_close(out, tail.forward(x, tail_cache), **FLOAT32_SUMS)
-    stale = protocol.NextHop(peer_id=second, session_id="push-b", step=1)
+    stale = protocol.NextHop(peer_id=second, session_id="push-b", step=1, token=token)
     reply, _ = a.send(protocol.pack_request(Step(session_id="push-a", step=2, next_hops=[stale]), x))
     assert isinstance(reply, StepResult) and not reply.pushed
+    wrong = protocol.NextHop(peer_id=second, session_id="push-b", step=3, token=secrets.token_hex(16))
+    reply, _ = a.send(protocol.pack_request(Step(session_id="push-a", step=3, next_hops=[wrong]), x))
+    assert isinstance(reply, StepResult) and not reply.pushed
+    forged = protocol.Push(items=[protocol.PushItem(session_id="push-b", step=3, token=secrets.token_hex(16))])
+    reply, _ = protocol.unpack_response(loop.run(dht.call(second, protocol.PUSH, protocol.pack_request(forged, x))))
+    assert reply == protocol.PushReply(accepted=[False])  # a third party that knows the session id, not its token
+    x = torch.randn(1, 1, HIDDEN)
+    reply, (out,) = b.send(protocol.pack_request(Step(session_id="push-b", step=3), x))
+    assert reply.step == 3 and reply.length == 7  # neither refused push got into the cache
+    torch.testing.assert_close(out, tail.forward(x, tail_cache), **FLOAT32_SUMS)
     a.close()
     b.close()
 

@@ -19,6 +19,8 @@ PEER_A, PEER_B = "12D3KooWA" + "a" * 44, "12D3KooWB" + "b" * 44
 class _Peers:
     """Answers push calls: accepts every item except those for session 'gone'; peer B's calls fail."""
 
+    member_token = None  # an open swarm
+
     def __init__(self):
         self.calls: list[tuple[str, protocol.Push, int]] = []
 
@@ -31,7 +33,7 @@ class _Peers:
 
 
 def _target(peer: str, session: str) -> list[protocol.NextHop]:
-    return [protocol.NextHop(peer_id=peer, session_id=session, step=3)]
+    return [protocol.NextHop(peer_id=peer, session_id=session, step=3, token="0" * 32)]
 
 
 def test_pushes_of_one_pass_share_one_call_per_next_peer():

@@ -2,6 +2,10 @@
 can neither hide a real peer nor add blocks to it (swarm/identity.py, swarm/records.py)."""
 from __future__ import annotations
 
+import secrets
+import subprocess
+import sys
+
 import pytest
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
@@ -12,6 +16,7 @@ from hivemind.utils import get_dht_time
 from client import DistributedModelForCausalLM, loop
 from swarm import __version__ as VERSION
 from swarm.dht import SwarmDHT
+from swarm.errors import SwarmError
 from swarm.local_swarm import LocalSwarm
 from swarm.identity import peer_id_of_key, prepare_identity
 from swarm.records import OWNER_MARK, BlockAnnouncement, PeerState, block_key, owner_of_subkey
@@ -104,3 +109,44 @@ def test_a_stale_view_reroutes_with_identical_tokens(tiny_llama, tiny_reference,
         finally:
             swarm_model.close()
     assert tokens.tolist() == expected.tolist()
+
+
+def test_a_private_swarm_admits_its_members_only(tiny_llama, tiny_reference, tmp_path):
+    """Members hold the key: they route through members and get transformers' tokens. An outsider's peer
+    is refused at its first call and exits 1 saying why; its records are ignored; its client is refused."""
+    key = tmp_path / "swarm.key"
+    key.write_text(secrets.token_hex(32))
+    model = resolve_model(str(tiny_llama))
+    ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(6))
+    expected = greedy_tokens(tiny_reference("llama"), ids, 10)
+    with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3", "--swarm-key", str(key)]) as local:
+        members = {local.add(["--blocks", "0:2"]).peer_id, local.add(["--blocks", f"2:{NUM_LAYERS}"]).peer_id}
+        outsider_peer = subprocess.run(
+            [sys.executable, "-m", "peer.cli", "--model", str(tiny_llama), "--blocks", f"0:{NUM_LAYERS}",
+             "--initial-peers", local.initial_peers[0]], capture_output=True, text=True, timeout=120)
+        assert outsider_peer.returncode == 1 and "private swarm" in outsider_peer.stderr, outsider_peer.stderr[-2000:]
+
+        outsider = loop.run(SwarmDHT.create(local.initial_peers))  # a DHT node that keeps what it stores
+        record = BlockAnnouncement(state=PeerState.online, start=0, end=NUM_LAYERS, throughput=1e6,
+                                   cache_tokens_left=10**6, version=VERSION, dtype="float32")
+        loop.run(outsider.announce_blocks(model.dht_prefix, record, get_dht_time() + 600))  # fast, serving it all
+        seen = loop.run(outsider.read_blocks(model.dht_prefix, model.num_blocks))
+        assert all(str(outsider.peer_id) in block for block in seen)  # out there, for readers without the key
+        member = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=local.initial_peers,
+                                                             swarm_key=key)
+        try:
+            blocks = loop.run(member.dht.read_blocks(model.dht_prefix, model.num_blocks))
+            assert all(block and set(block) <= members for block in blocks)  # the outsider serves "all" of them
+            with member.session(ids.shape[1] + 10) as session:
+                tokens = member.generate(ids, max_new_tokens=10, eos_token_id=None, session=session)
+            assert {hop.peer_id for hop in session.route} == members
+        finally:
+            member.close()
+        assert tokens.tolist() == expected.tolist()
+        stranger = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=local.initial_peers)
+        try:
+            with pytest.raises(SwarmError, match="private swarm and the caller does not hold its key"):
+                stranger.generate(ids, max_new_tokens=2)
+        finally:
+            stranger.close()
+            loop.run(outsider.shutdown())

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -28,6 +29,7 @@ def chat(
     question: Optional[str] = typer.Argument(None, help="Ask this one question, print the answer and exit."),
     initial_peers: Optional[list[str]] = typer.Option(None, help=f"Multiaddr of a peer (env: {ENV_INITIAL_PEERS})."),
     model: Optional[str] = typer.Option(None, help="Model reference (default: smollm2-135m)."),
+    swarm_key: Optional[Path] = typer.Option(None, help="A private swarm's key file: use its members only."),
     max_tokens: int = typer.Option(256, min=1, help="Tokens to generate at most per answer."),
     temperature: float = typer.Option(0.0, min=0.0, max=2.0, help="0 is greedy: the same answer every time."),
     system: Optional[str] = typer.Option(None, help="A system message that opens the conversation."),
@@ -42,7 +44,7 @@ def chat(
     from client.text import PromptError, SwarmClient
 
     with swarm_errors_exit(err), err.status("joining the swarm"):
-        client = SwarmClient(peers, model)
+        client = SwarmClient(peers, model, swarm_key=swarm_key)
     conversation = Conversation(client, max_length, system)
     options = dict(max_new_tokens=max_tokens, temperature=temperature)
     try:

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -38,6 +39,7 @@ def serve(
     model: Optional[list[str]] = typer.Option(
         None, help="Model to serve: alias, folder, .gguf file or hub id; repeat for several (default: smollm2-135m). "
                    "Requests name it by its name, e.g. smollm2-135m."),
+    swarm_key: Optional[Path] = typer.Option(None, help="A private swarm's key file: use its members only."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 exposes the gateway to the network."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port to listen on (0: any free port)."),
     api_key: Optional[str] = typer.Option(
@@ -66,7 +68,7 @@ def serve(
     from client.gateway.served import Gateway
 
     with swarm_errors_exit(err), err.status("joining the swarm"):
-        gateway = Gateway.connect(peers, model or [DEFAULT_MODEL])
+        gateway = Gateway.connect(peers, model or [DEFAULT_MODEL], swarm_key=swarm_key)
     from client.gateway.limits import Limits
 
     try:

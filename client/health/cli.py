@@ -14,6 +14,7 @@ import signal
 import sys
 from contextlib import nullcontext
 from datetime import datetime
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -79,12 +80,14 @@ def _ruler(num_blocks: int) -> str:
 
 
 async def _run(peers: list[str], refs: list[str], timeout: float, watch: Optional[float], as_json: bool,
-               codes: list[int]) -> None:
+               codes: list[int], swarm_key: Optional[Path]) -> None:
     """One check, or one every `watch` seconds; SIGTERM cancels so our p2pd is always shut down."""
+    from swarm.membership import SwarmKey
+
     task = asyncio.current_task()
     assert task is not None  # run by uvloop.run
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    dht = await join(peers, timeout)
+    dht = await join(peers, timeout, SwarmKey.load(swarm_key) if swarm_key else None)
     try:
         if watch is None:
             report = await gather(dht, refs, timeout)
@@ -122,6 +125,7 @@ def _one_line(error: BaseException) -> str:
 def health(
     initial_peers: Optional[list[str]] = typer.Option(None, help="Multiaddr of a peer (env: SWARM_INITIAL_PEERS)."),
     model: Optional[list[str]] = typer.Option(None, help="Check only this model: name, DHT prefix or model reference."),
+    swarm_key: Optional[Path] = typer.Option(None, help="A private swarm's key file: check its members only."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document (see --json-schema)."),
     watch: Optional[float] = typer.Option(None, min=0.1, help="Check again every this many seconds until Ctrl-C."),
     timeout: float = typer.Option(10.0, min=0.1, help="Seconds to join, and for each check's reads and pings."),
@@ -137,7 +141,7 @@ def health(
 
     codes: list[int] = []
     try:
-        uvloop.run(_run(peers, model or [], timeout, watch, json_output, codes))
+        uvloop.run(_run(peers, model or [], timeout, watch, json_output, codes, swarm_key))
     except SwarmError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         raise typer.Exit(2)

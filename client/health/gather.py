@@ -6,16 +6,17 @@ import time
 
 from client.health.report import HealthReport, ModelTarget, build_report
 from swarm.dht import SwarmDHT
+from swarm.membership import SwarmKey
 from swarm.errors import SwarmError
 from swarm.records import BlockAnnouncement, ModelRegistration
 
 MIN_PING_TIMEOUT = 0.5  # seconds a ping gets even when the reads used up most of the budget
 
 
-async def join(initial_peers: list[str], timeout: float) -> SwarmDHT:
+async def join(initial_peers: list[str], timeout: float, swarm_key: SwarmKey | None = None) -> SwarmDHT:
     """A client-only DHT node: it reads records but stores none, so checking never changes the swarm."""
     try:
-        return await asyncio.wait_for(SwarmDHT.create(initial_peers, client_mode=True), timeout)
+        return await asyncio.wait_for(SwarmDHT.create(initial_peers, client_mode=True, swarm_key=swarm_key), timeout)
     except asyncio.TimeoutError:
         _stop_own_daemons()
         raise SwarmError(f"no answer from {', '.join(initial_peers)} within {timeout:g} s") from None
