@@ -243,8 +243,7 @@ class InferenceSession:
         """Beam search: from the next step on, row i continues what row rows[i] held (in every peer's cache)."""
         if self.batch_size is None:
             return  # nothing is cached yet
-        if len(rows) != self.batch_size or not all(0 <= r < self.batch_size for r in rows):
-            raise SwarmError(f"reorder {rows} does not pick one of the session's {self.batch_size} rows for each row")
+        protocol.check_reorder(rows, self.batch_size)
         if self.pending_reorder is not None:  # two reorders before a step: row i takes old row pending[rows[i]]
             rows = [self.pending_reorder[r] for r in rows]
         self.pending_reorder = None if rows == list(range(self.batch_size)) else rows

@@ -279,7 +279,7 @@ def input_tensors(hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torc
 
 def check_reorder(reorder: list[int] | None, batch_size: int) -> None:
     """A reorder must name a row of this session for every row (rows may repeat: two beams from one)."""
-    if reorder is not None and (len(reorder) != batch_size or max(reorder) >= batch_size):
+    if reorder is not None and (len(reorder) != batch_size or not all(0 <= r < batch_size for r in reorder)):
         raise ProtocolError(f"reorder {reorder} does not pick one of the session's {batch_size} rows for each row")
 
 
