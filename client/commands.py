@@ -6,6 +6,7 @@ peers, a model reference that names nothing), 1 when the swarm fails.
 from __future__ import annotations
 
 import contextlib
+from enum import Enum
 from typing import Iterator
 
 import typer
@@ -13,6 +14,18 @@ from rich.console import Console
 
 from client.settings import ENV_INITIAL_PEERS, initial_peers_from
 from swarm.errors import ModelReferenceError, SwarmError
+
+
+class Verify(str, Enum):
+    """The client's `verify` setting as a flag (docs/security.md#caught-liars-verify)."""
+
+    off = "off"
+    spot = "spot"
+    strict = "strict"
+
+
+VERIFY_HELP = ("Check peers' outputs on other peers serving the same blocks: a share of the steps (spot), "
+               "every step before its token is chosen (strict), or none (off).")
 
 
 def fail(console: Console, message: str, code: int) -> typer.Exit:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping, Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarm.dht import PeerRecord
 from swarm.records import BlockAnnouncement
@@ -114,3 +115,23 @@ def format_ranges(blocks: list[int]) -> str:
             parts.append(f"{start}" if start == b else f"{start}-{b}")
             start = None
     return ", ".join(parts)
+
+
+@dataclass
+class Bans:
+    """Peers that failed recently, each banned for longer every time it fails again; liars for good."""
+
+    base: float
+    limit: float
+    until: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+    forever: set[str] = field(default_factory=set)  # caught lying (client/verification.py)
+
+    def ban(self, peer_id: str) -> None:
+        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
+        seconds = min(self.base * 2 ** (self.strikes[peer_id] - 1), self.limit)
+        self.until[peer_id] = time.monotonic() + seconds
+
+    def active(self) -> set[str]:
+        now = time.monotonic()
+        return {p for p, t in self.until.items() if t > now} | self.forever

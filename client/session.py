@@ -2,157 +2,30 @@
 
 The session keeps every input it sent to each hop. When a hop fails it bans the peer, routes
 around the failed blocks and replays those inputs to the new peers, so their caches hold exactly
-what the failed peer's did, and the caller sees nothing but a delay.
+what the failed peer's did, and the caller sees nothing but a delay. After each step its
+Verifier may check the hops' outputs on other peers (client/verification.py); from a hop found
+lying on, the route is rebuilt the same way, replaying that hop's inputs to honest peers.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, NamedTuple, Sequence, TypeVar
+from typing import Callable
 
 import torch
-from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.route import Hop, build_route
+from client.hop_stream import HopFailed, HopStream, Probe, StepInput
+from client.route import Bans, Hop, build_route
 from client.settings import ClientSettings
-from client.swarm_view import Placement, SwarmView
+from client.swarm_view import SwarmView
+from client.verification import HopOutput, Verifier
 from swarm import protocol
-from swarm.errors import ProtocolError, RouteError, SwarmError
+from swarm.errors import RouteError, SwarmError
 
 logger = logging.getLogger(__name__)
-Reply = TypeVar("Reply", protocol.Opened, protocol.StepResult)
-
-
-class HopFailed(SwarmError):
-    """A peer failed us: error reply, lost connection, timeout, or it is leaving."""
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        self.code = code  # the peer's ErrorReply code, if it sent one
-
-
-class HopStream:
-    """One open `inference` stream to one peer, for blocks [hop.start, hop.end)."""
-
-    def __init__(self, hop: Hop, placement: Placement | None = None):
-        self.hop, self.placement = hop, placement  # the placement counts this stream in the peer's load until closed
-        self.relay: str | None = None  # the relay this stream goes through, for a peer behind NAT
-        self.session_id = uuid.uuid4().hex  # per stream: a retried open never collides with a slow first one
-        self.push_token = secrets.token_hex(16)  # told only to the hops before this one, so only they can push here
-        self.steps = 0  # steps this peer has answered: the number of the next one
-        self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None  # once opened
-
-    async def open(self, view: SwarmView, max_length: int, batch_size: int, timeout: float) -> None:
-        async def requests():
-            while (item := await self._queue.get()) is not None:
-                yield item
-
-        message = protocol.OpenSession(
-            session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=max_length,
-            batch_size=batch_size, push_token=self.push_token, member=view.dht.member_token)
-        self._queue.put_nowait(protocol.pack_request(message))
-        self.relay = await view.reach(self.hop.peer_id)
-        try:
-            self._responses = await asyncio.wait_for(
-                view.dht.iterate(self.hop.peer_id, protocol.INFERENCE, requests(), self.relay), timeout)
-        except Exception as e:
-            raise HopFailed(f"cannot reach peer {self.hop.peer_id[-8:]}: {e or type(e).__name__}") from None
-        await self._receive(protocol.Opened, timeout)
-
-    async def step(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        timeout: float,
-        probe: "Probe | None" = None,
-        next_streams: Sequence[HopStream] = (),
-        send: bool = True,
-        trace_id: str | None = None,
-        reorder: list[int] | None = None,
-    ) -> tuple[torch.Tensor, bool]:
-        """This hop's output for new positions, and whether the peer pushed it to the next hop.
-
-        With `next_streams`, the peer also pushes its output to those later hops. If the previous hop
-        pushed this input here, `send=False` only waits for the answer. `reorder` (beam search) rearranges
-        the rows of the peer's cache before the step, and travels with the push to later hops.
-        """
-        if send:
-            targets = [protocol.NextHop(peer_id=s.hop.peer_id, session_id=s.session_id, step=s.steps,
-                                        token=s.push_token, relay=s.relay) for s in next_streams]
-            request = protocol.Step(session_id=self.session_id, step=self.steps, next_hops=targets, trace_id=trace_id,
-                                    reorder=reorder)
-            self._queue.put_nowait(protocol.pack_request(request, *protocol.input_tensors(hidden, mask)))
-        message, tensors = await self._receive(protocol.StepResult, timeout, probe)
-        if message.step != self.steps or len(tensors) != 1 or tensors[0].shape != hidden.shape:
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} answered with a malformed result")
-        self.steps += 1
-        return tensors[0], message.pushed and bool(next_streams)
-
-    async def _receive(self, expected: type[Reply], timeout: float,
-                       probe: Probe | None = None) -> tuple[Reply, list[torch.Tensor]]:
-        """The next reply. While waiting, `probe()` (if given) is awaited every so often and must say the
-        peer is alive: a killed peer's p2pd may keep the stream open, a probe notices at once."""
-        try:
-            proto = await self._next_reply(timeout, probe)
-            message, tensors = protocol.unpack_response(proto)
-        except asyncio.TimeoutError:
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} did not answer within {timeout:.0f} s") from None
-        except StopAsyncIteration:
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} closed the session") from None
-        except Exception as e:
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} failed: {e or type(e).__name__}") from None
-        if isinstance(message, protocol.ErrorReply):
-            if message.code in ("bad_request", "not_member"):  # ours to mend: no other peer would take it either
-                raise ProtocolError(f"peer {self.hop.peer_id[-8:]} rejected our request: {message.message}")
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} refused: {message.message}", message.code)
-        if isinstance(message, protocol.Leaving):
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} is leaving")
-        if not isinstance(message, expected):
-            raise HopFailed(f"peer {self.hop.peer_id[-8:]} sent {message.type!r}, expected {expected.__name__}")
-        return message, tensors
-
-    async def _next_reply(self, timeout: float, probe: "Probe | None") -> runtime_pb2.ExpertResponse:
-        if self._responses is None:
-            raise HopFailed(f"the stream to peer {self.hop.peer_id[-8:]} is not open")
-        reply = asyncio.ensure_future(anext(self._responses))
-        deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            while True:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                interval = remaining if probe is None else min(remaining, probe.after)
-                done, _ = await asyncio.wait({reply}, timeout=interval)
-                if done:
-                    return reply.result()
-                if probe is not None and not await probe(self.hop.peer_id, self.relay):
-                    raise HopFailed(f"peer {self.hop.peer_id[-8:]} stopped answering (liveness probe failed)")
-        finally:
-            reply.cancel()
-
-    def close(self) -> None:
-        """End the request stream (the peer frees the cache) and read out what the peer still sends."""
-        if self.placement is not None:
-            self.placement.release()
-        self._queue.put_nowait(None)
-        if self._responses is not None:
-            asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        if self._responses is None:
-            return
-        try:
-            async with asyncio.timeout(10):
-                async for _ in self._responses:
-                    pass
-        except BaseException:
-            pass  # the peer may be gone already: nothing to free then
 
 
 class HopTiming(BaseModel):
@@ -180,45 +53,6 @@ class StepTiming(BaseModel):
     hops: list[HopTiming] = []
 
 
-class StepInput(NamedTuple):
-    """What one step sent into a hop, kept for replay: a failover repeats the reorders as well as the inputs."""
-
-    hidden: torch.Tensor
-    mask: torch.Tensor | None
-    reorder: list[int] | None
-
-
-@dataclass
-class Probe:
-    """Asks a peer whether it is alive while one of its steps runs long (its event loop never computes)."""
-
-    view: SwarmView
-    after: float
-    timeout: float
-
-    async def __call__(self, peer_id: str, relay: str | None) -> bool:
-        return await self.view.dht.ping(peer_id, self.timeout, relay) is not None
-
-
-@dataclass
-class Bans:
-    """Peers that failed recently, each banned for longer every time it fails again."""
-
-    base: float
-    limit: float
-    until: dict[str, float] = field(default_factory=dict)
-    strikes: dict[str, int] = field(default_factory=dict)
-
-    def ban(self, peer_id: str) -> None:
-        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
-        seconds = min(self.base * 2 ** (self.strikes[peer_id] - 1), self.limit)
-        self.until[peer_id] = time.monotonic() + seconds
-
-    def active(self) -> set[str]:
-        now = time.monotonic()
-        return {p for p, t in self.until.items() if t > now}
-
-
 class InferenceSession:
     """A generation's path through the swarm. Opens its streams on the first step (when the batch size is known)."""
 
@@ -234,6 +68,8 @@ class InferenceSession:
         self.pending_reorder: list[int] | None = None  # beam search's choice of rows, sent with the next step
         self.timings: list[StepTiming] = []  # per step, each hop's time as the client saw it
         self.probe = Probe(view, settings.probe_after, settings.probe_timeout)
+        self.verifier = Verifier(view, settings, bans, max_length, self.probe)
+        self.caught: list[tuple[str, int]] = []  # (peer id, step) of each hop found lying
 
     @property
     def route(self) -> list[Hop]:
@@ -281,6 +117,7 @@ class InferenceSession:
         pushed_to: HopStream | None = None  # the stream the previous hop's peer handed this input to
         hidden = sent.hidden
         timing = StepTiming(step=self.steps, positions=hidden.shape[1], trace_id=uuid.uuid4().hex[:16])
+        outputs: list[HopOutput] = []
         started = previous = time.perf_counter()
         while index < len(self.streams):
             stream = self.streams[index]
@@ -304,6 +141,7 @@ class InferenceSession:
                 continue
             # kept only once the hop took it: a failover replays exactly what the failed peer holds
             self.history.setdefault(stream.hop.start, []).append(StepInput(hidden, sent.mask, sent.reorder))
+            outputs.append(HopOutput(stream, self.history[stream.hop.start][-1], output))
             now = time.perf_counter()
             timing.hops.append(HopTiming(peer_id=stream.hop.peer_id, start=stream.hop.start, end=stream.hop.end,
                                          began_ms=round((previous - started) * 1000, 2),
@@ -311,6 +149,14 @@ class InferenceSession:
             previous = now
             pushed_to = later[0] if pushed else None
             hidden, index = output, index + 1
+        assert self.batch_size is not None  # set by the first step
+        while (liar := await self.verifier.first_liar(outputs, self.history, self.batch_size)) is not None:
+            self.caught.append((outputs[liar].stream.hop.peer_id, self.steps))
+            first = self.streams.index(outputs[liar].stream)
+            for stream in self.streams[first:]:
+                stream.close()
+            outputs = await self._replace(first, len(self.streams) - 1)  # this step again, from honest inputs on
+            hidden = outputs[-1].output
         self.steps += 1
         self.timings.append(timing)
         logger.debug(f"step {timing.trace_id}: " + ", ".join(f"{h.peer_id[-8:]}[{h.start}:{h.end}] {h.ms:.1f} ms"
@@ -353,20 +199,20 @@ class InferenceSession:
                 self.streams = opened
             return opened
 
-    async def _replace(self, index: int) -> None:
-        """Route around the failed hop and replay its inputs so the new peers' caches catch up."""
-        failed = self.streams[index].hop
-        replay = self.history.get(failed.start, [])
+    async def _replace(self, first: int, last: int | None = None) -> list[HopOutput]:
+        """Route around streams first..last (default: first alone) and replay their inputs, so the new peers'
+        caches hold what the old ones' did; returns each new hop's part of the latest step replayed."""
+        last = first if last is None else last
+        start, end = self.streams[first].hop.start, self.streams[last].hop.end
         while True:
-            new = await self._open_route(failed.start, failed.end)
+            new = await self._open_route(start, end)
+            replay, latest = self.history.get(start, []), []
             try:
                 for stream in new:
-                    outputs = []
-                    for sent in replay:
-                        output, _ = await stream.step(sent.hidden, sent.mask, self.settings.step_timeout, self.probe,
-                                                      reorder=sent.reorder)
-                        outputs.append(StepInput(output, sent.mask, sent.reorder))
-                    if stream.hop.end != failed.end:
+                    outputs = await stream.replay(replay, self.settings.step_timeout, self.probe)
+                    if replay:
+                        latest.append(HopOutput(stream, replay[-1], outputs[-1].hidden))
+                    if stream.hop.end != end:
                         self.history[stream.hop.end] = outputs
                     replay = outputs
                 break
@@ -375,11 +221,12 @@ class InferenceSession:
                 self.bans.ban(stream.hop.peer_id)
                 for s in new:
                     s.close()
-                replay = self.history.get(failed.start, [])
-        self.streams[index : index + 1] = new
+        self.streams[first : last + 1] = new
+        return latest
 
     def close(self) -> None:
         if not self.closed:
             for stream in self.streams:
                 stream.close()
+            self.verifier.close()
             self.closed = True

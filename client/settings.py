@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from client.agreement import TOLERANCE
 from swarm.dtypes import DTypeName, QuantName
 
 ENV_INITIAL_PEERS = "SWARM_INITIAL_PEERS"  # read by the command-line tools (swarm-health, swarm-api), not by ClientSettings
@@ -34,6 +37,13 @@ class ClientSettings(BaseModel):
     ban_seconds: float = Field(default=15.0, gt=0, description="first ban of a failed peer; doubles on each repeat")
     max_ban_seconds: float = Field(default=300.0, gt=0)
     refresh_period: float = Field(default=3.0, gt=0, description="seconds between background swarm view refreshes")
+    verify: Literal["off", "spot", "strict"] = Field(
+        default="spot", description="recompute peers' outputs on other peers serving the same blocks: a share of "
+                                    "the steps (spot) or every step before it is used (strict); docs/security.md")
+    verify_share: float = Field(default=0.05, ge=0, le=1, description="spot: the share of each hop's steps checked")
+    verify_tolerance: float = Field(
+        default=TOLERANCE, gt=0, description="the largest relative difference of two peers' outputs taken as honest; "
+                                        "ten times this with bfloat16 or quantized weights on either side")
     push: bool = Field(default=True, description="peers pass hidden states straight to the next hop of the route")
     head_batch_wait: float = Field(
         default=0.02, ge=0, le=1, description="seconds the shared LM head waits for sessions on their last hop"

@@ -33,13 +33,14 @@ class Announcer:
     """What this peer says about itself: its span, state and throughput, with the free cache read at each announcement."""
 
     def __init__(self, dht: SwarmDHT, model: ResolvedModel, sessions: SessionRegistry, load: PeerLoad, start: int,
-                 end: int, dtype: DTypeName, quant: QuantName, public_name: str | None, period: float, throughput_key: str,
-                 reach: Reach):
+                 end: int, dtype: DTypeName, quant: QuantName, cache_dtype: DTypeName | None, public_name: str | None,
+                 period: float, throughput_key: str, reach: Reach):
         self.dht, self.model, self.sessions, self.load, self.reach = dht, model, sessions, load, reach
         self.throughput_key = throughput_key
         self.announced_load: Load | None = None
         self.start, self.end = start, end
         self.dtype, self.quant, self.public_name, self.period = dtype, quant, public_name, period
+        self.cache_dtype = cache_dtype if cache_dtype != dtype else None
         self.state = PeerState.joining
         self.throughput = 0.0  # decode steps per second through one block; known once the blocks are loaded
 
@@ -54,6 +55,7 @@ class Announcer:
             public_name=self.public_name,
             dtype=self.dtype,
             quant=self.quant,
+            cache_dtype=self.cache_dtype,
             load=self.current_load(),
             relays=self.reach.relays,
             maddrs=self.reach.maddrs,

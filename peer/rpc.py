@@ -107,6 +107,7 @@ class PeerService:
             open_sessions=len(self.sessions.sessions),
             steps=self.scheduler.batched_steps,
             passes=self.scheduler.passes,
+            hidden_size=self.span.config.hidden_size,
         )
 
     async def forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:

@@ -146,9 +146,10 @@ class Peer:
         check_span(model, start, end)
         memory = self._plan_memory(model, blocks=end - start)
         sessions, load = SessionRegistry(memory.cache_tokens, self.metrics), PeerLoad()
-        announcer = Announcer(dht, model, sessions, load, start, end, self.dtype, settings.quant, settings.public_name,
-                              settings.announce_period, throughput_key(model.dht_prefix, self.device, self.dtype,
-                                                                       settings.quant, self.threads), reach)
+        announcer = Announcer(dht, model, sessions, load, start, end, self.dtype, settings.quant, settings.cache_dtype,
+                              settings.public_name, settings.announce_period,
+                              throughput_key(model.dht_prefix, self.device, self.dtype, settings.quant, self.threads),
+                              reach)
         await announcer.announce(PeerState.joining)
         logger.info(f"serving blocks {start}:{end} of {model.name} ({model.dht_prefix}) on {self.device} "
                     f"({self.threads} threads) in {self.dtype}"

@@ -49,14 +49,15 @@ class PeerProcess:
 
 
 def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = None,
-                netns: str | None = None) -> PeerProcess:
+                netns: str | None = None, module: str = "peer.cli") -> PeerProcess:
     """Run `swarm-serve ARGS` without waiting for it: its stdout lines arrive in `lines`, its stderr goes to
-    LOG_DIR/NAME.log. With NETNS, it runs in that network namespace (tests/network_rig.py)."""
+    LOG_DIR/NAME.log. With NETNS, it runs in that network namespace (tests/network_rig.py). MODULE is the
+    program, for a test's own variant of the peer (tests/lying_peer.py)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     inside = ["ip", "netns", "exec", netns] if netns else []
     process = subprocess.Popen(  # its own session: a group signal meant for us is not its stop
-        [*inside, sys.executable, "-m", "peer.cli", *args],
+        [*inside, sys.executable, "-m", module, *args],
         start_new_session=True,
         preexec_fn=die_with_parent,
         stdout=subprocess.PIPE,
@@ -72,9 +73,9 @@ def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = No
 
 
 def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, env: dict | None = None,
-               netns: str | None = None) -> PeerProcess:
+               netns: str | None = None, module: str = "peer.cli") -> PeerProcess:
     """Run `swarm-serve ARGS` and return once it printed `ready`; its stderr goes to LOG_DIR/NAME.log."""
-    peer = launch_peer(args, log_dir, name, env, netns)
+    peer = launch_peer(args, log_dir, name, env, netns, module)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -111,9 +112,11 @@ class LocalSwarm:
     def initial_peers(self) -> list[str]:
         return [m for p in self.peers[:1] for m in p.maddrs]
 
-    def add(self, args: list[str], name: str | None = None, env: dict | None = None) -> PeerProcess:
+    def add(self, args: list[str], name: str | None = None, env: dict | None = None,
+            module: str = "peer.cli") -> PeerProcess:
         join = ["--new-swarm"] if not self.peers else [a for m in self.initial_peers for a in ("--initial-peers", m)]
-        peer = start_peer([*join, *self.common_args, *args], self.log_dir, name or f"peer{len(self.peers)}", env=env)
+        peer = start_peer([*join, *self.common_args, *args], self.log_dir, name or f"peer{len(self.peers)}", env=env,
+                          module=module)
         self.peers.append(peer)
         return peer
 

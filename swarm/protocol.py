@@ -210,6 +210,7 @@ class PeerInfo(_Message):
     open_sessions: int
     steps: int = Field(ge=0, description="steps and forward calls computed (chunks of long ones count apart)")
     passes: int = Field(ge=0, description="batched passes those steps took: fewer passes than steps means batching")
+    hidden_size: int = Field(default=0, ge=0, le=1 << 20, description="the model's hidden states' width (0: not told)")
 
 
 RequestMessage = Union[OpenSession, Step, ForwardRequest, InfoRequest, Push, ReachabilityCheck, RelayOpen]

@@ -73,6 +73,7 @@ class BlockAnnouncement(_Record):
     public_name: str | None = Field(default=None, max_length=64)
     dtype: DTypeName
     quant: QuantName = "none"
+    cache_dtype: DTypeName | None = Field(default=None, description="the KV cache's precision, if not `dtype`")
     member_proof: str | None = Field(default=None, pattern=MEMBER_PROOF, description="in a private swarm (swarm/membership.py)")
     load: Load | None = None
     relays: list[Annotated[str, Field(max_length=128)]] = Field(

@@ -43,3 +43,14 @@ def test_offline_and_joining_peers_never_cover():
     report = build_report([TARGET], {TARGET.dht_prefix: leaving}, {ALPHA: 0.01, BETA: 0.01})
     assert report.models[0].uncovered == [0, 1, 2, 3]
     assert report.problems[0] == "blocks 0-3 of m are served by nobody"
+
+
+def test_a_peer_computing_wrong_covers_nothing():
+    """--verify: the gathering found BETA's outputs unlike the others' (client/health/outputs.py)."""
+    spans = table((ALPHA, 0, 2, PeerState.online), (BETA, 2, 4, PeerState.online))
+    problem = f"peer {BETA[-8:]} computes blocks 2:4 wrong: its output differs from 2 other peers', which agree with each other"
+    report = build_report([TARGET], {TARGET.dht_prefix: spans}, {ALPHA: 0.01, BETA: 0.01},
+                          verdicts={ALPHA: "agrees", BETA: "wrong"}, output_problems=[problem])
+    assert not report.healthy and report.exit_code == 1 and report.models[0].uncovered == [2, 3]
+    assert report.problems == [problem, f"blocks 2-3 of m are served by nobody that answers ({BETA[-8:]} computes them wrong)"]
+    assert [p.outputs for p in report.peers] == ["agrees", "wrong"]

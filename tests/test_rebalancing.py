@@ -54,7 +54,7 @@ def test_a_drifted_throughput_is_announced_and_remembered(tmp_path, monkeypatch)
     monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path))
     load = PeerLoad()
     announcer = Announcer(None, MODEL, SessionRegistry(100, PeerMetrics()), load, 0, 10, "float32", "none",  # type: ignore[arg-type]
-                          None, 30.0, "throughput:test-key", Reach(relays=[], maddrs=[]))
+                          None, None, 30.0, "throughput:test-key", Reach(relays=[], maddrs=[]))
     announcer.throughput = 1000.0  # measured on a moment when the machine was fast (or busy: the same mistake)
     for _ in range(MIN_ALONE_PASSES - 1):
         load.passed(0.02, blocks=10, rows=1)  # 500 block-steps/s

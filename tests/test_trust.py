@@ -2,6 +2,7 @@
 can neither hide a real peer nor add blocks to it (swarm/identity.py, swarm/records.py)."""
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -150,3 +151,47 @@ def test_a_private_swarm_admits_its_members_only(tiny_llama, tiny_reference, tmp
         finally:
             stranger.close()
             loop.run(outsider.shutdown())
+
+
+def test_a_lying_peer_is_caught_and_routed_around(tiny_llama, tiny_reference, tmp_path):
+    """A peer that announces itself fastest and lies from position LIE_FROM on: `strict` never uses a wrong
+    output; `spot` catches it within a bounded number of steps, and from then on the tokens are honest."""
+    prompt, new, lie_from, half = 8, 40, 12, NUM_LAYERS // 2
+    lying_step = lie_from - prompt + 1  # step 0 is the prompt; step k sends position prompt + k - 1
+    ids = torch.randint(1, VOCAB_SIZE, (1, prompt), generator=torch.Generator().manual_seed(7))
+    reference = tiny_reference("llama")
+    expected = greedy_tokens(reference, ids, new)
+    with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3"]) as local:
+        for _ in range(2):
+            local.add(["--blocks", f"0:{half}"])
+            local.add(["--blocks", f"{half}:{NUM_LAYERS}"])
+        liar = local.add(["--blocks", f"{half}:{NUM_LAYERS}"], module="tests.lying_peer",
+                         env={"LIE_FROM": str(lie_from)}).peer_id
+        for verify in ("off", "strict", "spot"):
+            model = DistributedModelForCausalLM.from_pretrained(str(tiny_llama), initial_peers=local.initial_peers,
+                                                                verify=verify, verify_share=0.3)
+            try:
+                with model.session(prompt + new) as session:
+                    out = model.generate(ids, max_new_tokens=new, session=session, eos_token_id=None, pad_token_id=0)
+            finally:
+                model.close()
+            if verify == "off":  # the liar is on the route, and it matters
+                assert liar in [hop.peer_id for hop in session.route]
+                assert not torch.equal(out, expected) and torch.equal(out[:, : prompt + lying_step], expected[:, : prompt + lying_step])
+                continue
+            assert [peer for peer, _ in session.caught] == [liar] and liar in model.bans.forever
+            assert liar not in [hop.peer_id for hop in session.route]
+            caught_at = session.caught[0][1]
+            if verify == "strict":
+                assert caught_at == lying_step and torch.equal(out, expected)
+            else:  # checked with probability 0.3 a step: missed 30 lying steps in a row once in 44,000
+                assert lying_step <= caught_at <= lying_step + 30, session.caught
+                honest_from = out[:, : prompt + caught_at]  # the tokens chosen before the liar was caught
+                assert torch.equal(out, greedy_tokens(reference, honest_from, new - caught_at))
+        health = subprocess.run([sys.executable, "-m", "client.health", "--initial-peers", *local.initial_peers,
+                                 "--verify", "--json"], capture_output=True, text=True, timeout=120)
+        report = json.loads(health.stdout)
+        assert health.returncode == 1 and not report["healthy"], health.stdout + health.stderr
+        assert {p["peer_id"]: p["outputs"] for p in report["peers"]} == {
+            p.peer_id: "wrong" if p.peer_id == liar else "agrees" for p in local.peers}
+        assert report["problems"][0].startswith(f"peer {liar[-8:]} computes blocks {half}:{NUM_LAYERS} wrong")

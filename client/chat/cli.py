@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from client.commands import fail, required_initial_peers, swarm_errors_exit
+from client.commands import VERIFY_HELP, Verify, fail, required_initial_peers, swarm_errors_exit
 from client.settings import ENV_INITIAL_PEERS
 
 app = typer.Typer(add_completion=False, help="Chat with a swarm's model from the terminal.")
@@ -30,6 +30,7 @@ def chat(
     initial_peers: Optional[list[str]] = typer.Option(None, help=f"Multiaddr of a peer (env: {ENV_INITIAL_PEERS})."),
     model: Optional[str] = typer.Option(None, help="Model reference (default: smollm2-135m)."),
     swarm_key: Optional[Path] = typer.Option(None, help="A private swarm's key file: use its members only."),
+    verify: Verify = typer.Option(Verify.spot, help=VERIFY_HELP),
     max_tokens: int = typer.Option(256, min=1, help="Tokens to generate at most per answer."),
     temperature: float = typer.Option(0.0, min=0.0, max=2.0, help="0 is greedy: the same answer every time."),
     system: Optional[str] = typer.Option(None, help="A system message that opens the conversation."),
@@ -44,7 +45,7 @@ def chat(
     from client.text import PromptError, SwarmClient
 
     with swarm_errors_exit(err), err.status("joining the swarm"):
-        client = SwarmClient(peers, model, swarm_key=swarm_key)
+        client = SwarmClient(peers, model, swarm_key=swarm_key, verify=verify.value)
     conversation = Conversation(client, max_length, system)
     options = dict(max_new_tokens=max_tokens, temperature=temperature)
     try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.console import Console
 
-from client.commands import fail, required_initial_peers, swarm_errors_exit
+from client.commands import VERIFY_HELP, Verify, fail, required_initial_peers, swarm_errors_exit
 from client.settings import ENV_INITIAL_PEERS
 
 if TYPE_CHECKING:  # imported when serving: --help and argument errors stay fast
@@ -40,6 +40,7 @@ def serve(
         None, help="Model to serve: alias, folder, .gguf file or hub id; repeat for several (default: smollm2-135m). "
                    "Requests name it by its name, e.g. smollm2-135m."),
     swarm_key: Optional[Path] = typer.Option(None, help="A private swarm's key file: use its members only."),
+    verify: Verify = typer.Option(Verify.spot, help=VERIFY_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 exposes the gateway to the network."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port to listen on (0: any free port)."),
     api_key: Optional[str] = typer.Option(
@@ -68,7 +69,7 @@ def serve(
     from client.gateway.served import Gateway
 
     with swarm_errors_exit(err), err.status("joining the swarm"):
-        gateway = Gateway.connect(peers, model or [DEFAULT_MODEL], swarm_key=swarm_key)
+        gateway = Gateway.connect(peers, model or [DEFAULT_MODEL], swarm_key=swarm_key, verify=verify.value)
     from client.gateway.limits import Limits
 
     try:

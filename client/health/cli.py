@@ -2,7 +2,7 @@
 
 `gather` (gather.py) reads the DHT and pings peers, `build_report` (report.py) judges, and this
 module shows the report as a table or JSON. Exit status: 0 every listed model is covered by online
-peers, 1 some block is not, 2 no swarm reached.
+peers, 1 some block is not (or, with --verify, a peer computes wrong), 2 no swarm reached.
 """
 from __future__ import annotations
 
@@ -55,14 +55,18 @@ def render(report: HealthReport) -> RenderableType:
 
 def _peer_table(peers: list[PeerReport]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column in ("peer", "name", "blocks", "state", "precision", "steps/s", "cache", "version", "reached", "rtt"):
+    checked = any(p.outputs is not None for p in peers)  # --verify
+    columns = ("peer", "name", "blocks", "state", "precision", "steps/s", "cache", "version", "reached", "rtt")
+    for column in columns + (("outputs",) if checked else ()):
         table.add_column(column, no_wrap=True, justify="right" if column in ("steps/s", "cache", "rtt") else "left")
     styles = {PeerState.online: "green", PeerState.joining: "yellow", PeerState.offline: "red"}
     for p in peers:
         table.add_row(p.peer_id[-8:], p.public_name or "-", f"{p.start}:{p.end}", Text(p.state.value, styles[p.state]),
                       p.dtype if p.quant == "none" else f"{p.dtype}/{p.quant}", f"{p.throughput:.1f}", str(p.cache_tokens_left), p.version,
                       "directly" if not p.relays else f"via {', '.join(r[-8:] for r in p.relays)}",
-                      "-" if p.rtt_ms is None else f"{p.rtt_ms:.0f} ms")
+                      "-" if p.rtt_ms is None else f"{p.rtt_ms:.0f} ms",
+                      *([Text(p.outputs or "-", {"agrees": "green", "wrong": "red"}.get(p.outputs or "", "yellow"))]
+                        if checked else []))
     return table
 
 
@@ -80,7 +84,7 @@ def _ruler(num_blocks: int) -> str:
 
 
 async def _run(peers: list[str], refs: list[str], timeout: float, watch: Optional[float], as_json: bool,
-               codes: list[int], swarm_key: Optional[Path]) -> None:
+               codes: list[int], swarm_key: Optional[Path], verify: bool) -> None:
     """One check, or one every `watch` seconds; SIGTERM cancels so our p2pd is always shut down."""
     from swarm.membership import SwarmKey
 
@@ -90,7 +94,7 @@ async def _run(peers: list[str], refs: list[str], timeout: float, watch: Optiona
     dht = await join(peers, timeout, SwarmKey.load(swarm_key) if swarm_key else None)
     try:
         if watch is None:
-            report = await gather(dht, refs, timeout)
+            report = await gather(dht, refs, timeout, verify)
             if as_json:
                 print(report.model_dump_json(indent=2))
             else:
@@ -100,7 +104,7 @@ async def _run(peers: list[str], refs: list[str], timeout: float, watch: Optiona
         with nullcontext() if as_json else Live(Text("checking..."), auto_refresh=False) as live:
             while True:
                 try:
-                    report = await gather(dht, refs, timeout)
+                    report = await gather(dht, refs, timeout, verify)
                     view, code = render(report), report.exit_code
                     if as_json:
                         print(report.model_dump_json(), flush=True)
@@ -129,9 +133,12 @@ def health(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON document (see --json-schema)."),
     watch: Optional[float] = typer.Option(None, min=0.1, help="Check again every this many seconds until Ctrl-C."),
     timeout: float = typer.Option(10.0, min=0.1, help="Seconds to join, and for each check's reads and pings."),
+    verify: bool = typer.Option(False, help="Also compare the outputs of peers serving the same blocks for one "
+                                            "input; a peer computing wrong is a problem (exit 1)."),
     json_schema: bool = typer.Option(False, "--json-schema", help="Print the JSON schema of --json output and exit."),
 ) -> None:
-    """Exit 0 if every listed model is covered by online peers, 1 if a block is not, 2 if the swarm is unreachable."""
+    """Exit 0 if every listed model is covered by online peers, 1 if a block is not (or --verify finds a peer
+    computing wrong), 2 if the swarm is unreachable."""
     if json_schema:
         print(json.dumps(HealthReport.model_json_schema(), indent=2))
         return
@@ -141,7 +148,7 @@ def health(
 
     codes: list[int] = []
     try:
-        uvloop.run(_run(peers, model or [], timeout, watch, json_output, codes, swarm_key))
+        uvloop.run(_run(peers, model or [], timeout, watch, json_output, codes, swarm_key, verify))
     except SwarmError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         raise typer.Exit(2)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+from client.health.outputs import OutputCheck, check_outputs
 from client.health.report import HealthReport, ModelTarget, build_report
 from swarm.dht import SwarmDHT
 from swarm.membership import SwarmKey
 from swarm.errors import SwarmError
-from swarm.records import BlockAnnouncement, ModelRegistration
+from swarm.records import BlockAnnouncement, ModelRegistration, PeerState
 
 MIN_PING_TIMEOUT = 0.5  # seconds a ping gets even when the reads used up most of the budget
 
@@ -31,8 +32,9 @@ def _stop_own_daemons() -> None:
             child.terminate()
 
 
-async def gather(dht: SwarmDHT, refs: list[str], timeout: float) -> HealthReport:
-    """Read the registry, the block records and every peer's round trip, all within `timeout` seconds."""
+async def gather(dht: SwarmDHT, refs: list[str], timeout: float, verify: bool = False) -> HealthReport:
+    """Read the registry, the block records and every peer's round trip, all within `timeout` seconds; with
+    `verify`, then compare the outputs of peers serving the same blocks (client/health/outputs.py)."""
     deadline = time.monotonic() + timeout
     left = lambda: max(deadline - time.monotonic(), 0.0)  # noqa: E731
     try:
@@ -46,8 +48,18 @@ async def gather(dht: SwarmDHT, refs: list[str], timeout: float) -> HealthReport
     peer_ids = sorted({p for table in found for block in table for p in block})
     ping_timeout = max(left(), MIN_PING_TIMEOUT)
     records = {p: record.announcement for table in found for block in table for p, record in block.items()}
-    rtts = await asyncio.gather(*(_ping(dht, records[p], p, ping_timeout) for p in peer_ids))
-    return build_report(targets, tables, dict(zip(peer_ids, rtts)), unknown)
+    rtts = dict(zip(peer_ids, await asyncio.gather(*(_ping(dht, records[p], p, ping_timeout) for p in peer_ids))))
+    checks = OutputCheck()
+    if verify:
+        for table in found:
+            answering = {p: r.announcement for block in table for p, r in block.items()
+                         if r.announcement.state == PeerState.online and rtts.get(p) is not None}
+            check = await check_outputs(dht, answering, max(timeout, MIN_PING_TIMEOUT))
+            checks.verdicts.update(check.verdicts)
+            checks.problems += check.problems
+            checks.failures += check.failures
+    return build_report(targets, tables, rtts, unknown, checks.verdicts if verify else None,
+                        checks.problems, checks.failures)
 
 
 async def _ping(dht: SwarmDHT, record: BlockAnnouncement, peer_id: str, timeout: float) -> float | None:

@@ -40,6 +40,9 @@ class PeerReport(_Out):
                                                 "null if it did not answer")
     relays: list[str] = Field(description="peer ids of the relays it is reached through, as it is behind NAT; "
                                           "empty: reached directly")
+    outputs: Optional[str] = Field(default=None, description="--verify: agrees (with another peer of its blocks), "
+                                   "wrong (agrees with none while others do), unsettled (disagrees, nobody to settle "
+                                   "it); null: not checked, or nobody else serves its blocks")
 
 
 class ModelReport(_Out):
@@ -76,30 +79,35 @@ class ModelTarget:
 
 def build_report(
     targets: list[ModelTarget], tables: dict[str, list[dict[str, PeerRecord]]], rtts: dict[str, Optional[float]],
-    unknown: Sequence[str] = (),
+    unknown: Sequence[str] = (), verdicts: Optional[dict[str, str]] = None, output_problems: Sequence[str] = (),
+    output_failures: Sequence[str] = (),
 ) -> HealthReport:
     """Judge the swarm from what the DHT said (`tables`: dht prefix -> per block records) and ping times.
 
     A block counts as covered only by peers whose record says online and that answered our ping: a
     record alone is a claim (a killed peer's stays until it expires), so a block whose only peer does
     not answer is a gap, named with the peers that did not answer. `unknown` holds models the user
-    named that neither the swarm nor this machine knows.
+    named that neither the swarm nor this machine knows. With `verdicts` (--verify), a peer found computing
+    wrong covers nothing, and any disagreement makes the swarm unhealthy.
     """
     models, peers = [], []
-    gaps = [f"model {ref} is not announced in this swarm" for ref in unknown]
+    gaps = [f"model {ref} is not announced in this swarm" for ref in unknown] + list(output_problems)
+    verdicts = verdicts or {}
     for target in targets:
         table = tables.get(target.dht_prefix) or [{} for _ in range(target.num_blocks)]
         online = [{p for p, r in block.items() if r.announcement.state == PeerState.online} for block in table]
-        serving = [sorted(p for p in block if rtts.get(p) is not None) for block in online]
+        serving = [sorted(p for p in block if rtts.get(p) is not None and verdicts.get(p) != "wrong") for block in online]
         missing = [i for i, block in enumerate(serving) if not block]
         models.append(ModelReport(name=target.name, dht_prefix=target.dht_prefix, num_blocks=target.num_blocks,
                                   announced=target.announced, covered=not missing, blocks=serving, uncovered=missing))
         if missing:
             what = f"block {missing[0]} of {target.name} is" if len(missing) == 1 else \
                 f"blocks {format_ranges(missing)} of {target.name} are"
-            silent = sorted({p[-8:] for i in missing for p in online[i]})
-            gaps.append(f"{what} served by nobody" + (f" that answers (announced by {', '.join(silent)}, "
-                                                        "which did not answer)" if silent else ""))
+            silent = sorted({p[-8:] for i in missing for p in online[i] if rtts.get(p) is None})
+            wrong = sorted({p[-8:] for i in missing for p in online[i] if verdicts.get(p) == "wrong"})
+            why = ([f"announced by {', '.join(silent)}, which did not answer"] if silent else []) + \
+                ([f"{', '.join(wrong)} computes them wrong"] if wrong else [])
+            gaps.append(f"{what} served by nobody" + (f" that answers ({'; '.join(why)})" if why else ""))
         newest: dict[str, PeerRecord] = {}  # a peer that moved has old blocks marked offline: keep its latest word
         for block in table:
             for peer_id, record in block.items():
@@ -109,13 +117,13 @@ def build_report(
             rtt = rtts.get(peer_id)
             peers.append(PeerReport(
                 peer_id=peer_id, model=target.name, dht_prefix=target.dht_prefix,
-                rtt_ms=None if rtt is None else round(rtt * 1000, 1),
+                rtt_ms=None if rtt is None else round(rtt * 1000, 1), outputs=verdicts.get(peer_id),
                 **record.announcement.model_dump(include=set(PeerReport.model_fields))))
     peers.sort(key=lambda p: (p.model, p.start, p.end, p.peer_id))
     if not targets and not unknown:
         gaps.append("no model is announced in this swarm")
     return HealthReport(checked_at=datetime.now(timezone.utc), healthy=not gaps, models=models, peers=peers,
-                        problems=gaps + _peer_problems(peers))
+                        problems=gaps + _peer_problems(peers) + list(output_failures))
 
 
 def _peer_problems(peers: list[PeerReport]) -> list[str]:
