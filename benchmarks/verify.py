@@ -86,7 +86,7 @@ LIE_FROM = 16
 
 
 def lying_steps_passed(initial_peers: list[str], liar: str, generations: int) -> list[int | None]:
-    """Per generation, the lying steps before the liar was caught; None if it never was."""
+    """Per generation through the liar, the lying steps before it was caught; None if it never was."""
     from client import DistributedModelForCausalLM
 
     passed: list[int | None] = []
@@ -100,8 +100,13 @@ def lying_steps_passed(initial_peers: list[str], liar: str, generations: int) ->
         finally:
             model.close()
         caught = [step for peer, step in session.caught if peer == liar]
+        served = sum(1 for t in session.timings[first_lie:] if liar in {h.peer_id for h in t.hops})
+        if not served and not caught:
+            console.print("the liar was not on the route: not counted")
+            continue
         passed.append(caught[0] - first_lie if caught else None)
-        console.print(f"liar caught after {passed[-1]} lying steps" if caught else "liar not caught in 64 tokens")
+        console.print(f"liar caught after {passed[-1]} lying steps" if caught else
+                      f"liar not caught in {served} lying steps")
     return passed
 
 

@@ -3,7 +3,7 @@
     python -m tests.lying_peer SWARM-SERVE-FLAGS      # LIE_FROM=N (positions), LIE_SIZE=0.5 (relative)
 
 From position LIE_FROM of every session it adds noise of LIE_SIZE times each output's size, and it
-announces a throughput far above any honest peer's, so that routes choose it.
+announces a throughput far above any honest peer's (and hides its real speed), so that routes choose it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import os
 import torch
 
 import peer.server
+from peer.announcer import Announcer
 from peer.cli import app
+from peer.load import PeerLoad
 from swarm.span import Span
 
 LIE_FROM = int(os.environ.get("LIE_FROM", "0"))
@@ -33,6 +35,8 @@ def lying_forward_batch(self: Span, steps: list) -> list[torch.Tensor]:
 
 Span.forward_batch = lying_forward_batch  # type: ignore[method-assign]
 peer.server.measure_throughput = lambda span: 1e6  # type: ignore[attr-defined]
+Announcer._follow_drift = lambda self: None  # type: ignore[method-assign]  # it never owns up to its speed,
+PeerLoad.step_seconds = lambda self: None  # type: ignore[method-assign]  # nor to its recent passes
 
 if __name__ == "__main__":
     app()
