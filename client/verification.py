@@ -23,7 +23,7 @@ from client.hop_stream import HopFailed, HopStream, Probe, StepInput, merged
 from client.route import Bans, Hop
 from client.settings import ClientSettings
 from client.swarm_view import SwarmView
-from swarm.errors import SwarmError
+from swarm.errors import ProtocolError, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,15 @@ class Recomputed:
     output: torch.Tensor
 
 
+@dataclass
+class Shadow:
+    """strict: a session on a second peer for one hop's blocks, fed the hop's inputs step by step."""
+
+    stream: HopStream
+    fed: int  # steps it computed
+    latest: torch.Tensor  # its output of the last of them
+
+
 class Verifier:
     """One session's checks. A peer it finds lying is banned for good in the client's `Bans`, which every route honours."""
 
@@ -53,7 +62,7 @@ class Verifier:
         self.view, self.settings, self.bans = view, settings, bans
         self.max_length, self.probe = max_length, probe
         self.rng = random.SystemRandom()  # a peer must not predict which of its steps are checked
-        self.shadows: dict[tuple[int, int], tuple[HopStream, int]] = {}  # strict: (start, end) -> (stream, steps fed)
+        self.shadows: dict[tuple[int, int], Shadow] = {}  # strict: by the hop's (start, end)
         self.checked = 0  # hop steps compared with a second peer
         self.unverified = 0  # hop steps chosen for a check that no second peer could take
 
@@ -66,14 +75,14 @@ class Verifier:
                   if self.settings.verify == "strict" or self.rng.random() < self.settings.verify_share]
         hops = {(o.stream.hop.start, o.stream.hop.end) for o in outputs}
         for key in [k for k in self.shadows if k not in hops]:  # the route changed: these hops are gone
-            self.shadows.pop(key)[0].close()
+            self.shadows.pop(key).stream.close()
         verdicts = await asyncio.gather(*(self._lies(outputs[i], history[outputs[i].stream.hop.start], batch_size)
                                           for i in chosen))
         lying = [i for i, lies in zip(chosen, verdicts) if lies]
         if lying:  # later hops' shadows were fed this step's lie
             first = outputs[lying[0]].stream.hop
             for key in [k for k in self.shadows if k[0] > first.start]:
-                self.shadows.pop(key)[0].close()
+                self.shadows.pop(key).stream.close()
         return lying[0] if lying else None
 
     async def _lies(self, checked: HopOutput, inputs: list[StepInput], batch_size: int) -> bool:
@@ -96,7 +105,7 @@ class Verifier:
         if third is not None and disagreement(checked.output, third.output, checked.sent.mask) <= allowed:
             self._caught(second.peer_id, hop)
             if (shadow := self.shadows.pop((hop.start, hop.end), None)) is not None:  # the liar's session
-                shadow[0].close()
+                shadow.stream.close()
             return False
         if third is not None and disagreement(second.output, third.output, checked.sent.mask) <= allowed:
             self._caught(hop.peer_id, hop)
@@ -132,17 +141,19 @@ class Verifier:
         """The latest of `inputs` through the hop's blocks on another peer, after the earlier ones; None if none can."""
         key = (hop.start, hop.end)
         if keep and key in self.shadows:
-            stream, fed = self.shadows.pop(key)
-            if stream.hop.peer_id not in exclude | self.bans.forever:
+            shadow = self.shadows.pop(key)
+            if shadow.stream.hop.peer_id not in exclude | self.bans.forever:
                 try:
-                    if fed < len(inputs) - 1:  # it missed steps (a failover replayed them elsewhere)
-                        await stream.replay(merged(inputs[fed:-1]), self.settings.step_timeout, self.probe)
-                    output = await self._step(stream, inputs[-1])
-                    self.shadows[key] = (stream, len(inputs))
-                    return Recomputed(stream.hop.peer_id, output)
-                except HopFailed as e:
+                    if shadow.fed < len(inputs):  # else: it has this step already (the route was rebuilt since)
+                        if shadow.fed < len(inputs) - 1:  # it missed steps (a failover replayed them elsewhere)
+                            await shadow.stream.replay(merged(inputs[shadow.fed:-1]), self.settings.step_timeout,
+                                                       self.probe)
+                        shadow.latest, shadow.fed = await self._step(shadow.stream, inputs[-1]), len(inputs)
+                    self.shadows[key] = shadow
+                    return Recomputed(shadow.stream.hop.peer_id, shadow.latest)
+                except (HopFailed, ProtocolError) as e:  # a second peer's refusal must not end the generation
                     logger.info(f"{e}; opening another shadow session for blocks {hop.start}:{hop.end}")
-            stream.close()
+            shadow.stream.close()
         candidates = self._candidates(hop, exclude)
         self.rng.shuffle(candidates)
         for peer_id in candidates:
@@ -151,12 +162,12 @@ class Verifier:
                 await stream.open(self.view, self.max_length, batch_size, self.settings.connect_timeout)
                 await stream.replay(merged(inputs[:-1]), self.settings.step_timeout, self.probe)
                 output = await self._step(stream, inputs[-1])
-            except HopFailed as e:
+            except (HopFailed, ProtocolError) as e:
                 logger.info(f"{e}; checking blocks {hop.start}:{hop.end} on another peer")
                 stream.close()
                 continue
             if keep:
-                self.shadows[key] = (stream, len(inputs))
+                self.shadows[key] = Shadow(stream, len(inputs), output)
             else:
                 stream.close()
             return Recomputed(peer_id, output)
@@ -168,6 +179,6 @@ class Verifier:
         return output
 
     def close(self) -> None:
-        for stream, _ in self.shadows.values():
-            stream.close()
+        for shadow in self.shadows.values():
+            shadow.stream.close()
         self.shadows.clear()
