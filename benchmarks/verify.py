@@ -21,7 +21,6 @@ lying steps passed before the liar was caught.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +28,7 @@ import torch
 import typer
 
 from benchmarks.common import console, machine_info, median, table, write_results
+from benchmarks.speed import timed_generate
 from client.agreement import COARSE, TOLERANCE, disagreement
 from client.settings import ClientSettings
 from swarm.client_parts import ClientParts
@@ -121,35 +121,16 @@ def decode_costs(initial_peers: list[str], runs: int) -> dict[str, list[float]]:
         expected = None
         for _ in range(runs):
             for mode, model in models.items():
-                first: list[float] = []
-                streamer = _FirstToken(first)
-                started = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                     streamer=streamer)
-                speeds[mode].append(round((NEW_TOKENS - 1) / (time.perf_counter() - first[0]), 2))
-                expected = out if expected is None else expected
-                if not torch.equal(out, expected):
+                generation = timed_generate(model.generate, ids, NEW_TOKENS - 1)[0]
+                speeds[mode].append(round(generation.decode_tokens_per_s, 2))
+                expected = generation.tokens if expected is None else expected
+                if generation.tokens != expected:
                     raise SystemExit(f"verify={mode} changed the tokens: the benchmark is void")
-                console.print(f"verify={mode}: {speeds[mode][-1]} tok/s (started {time.perf_counter() - started:.1f} s ago)")
+                console.print(f"verify={mode}: {speeds[mode][-1]} tok/s")
     finally:
         for model in models.values():
             model.close()
     return speeds
-
-
-class _FirstToken:
-    """A streamer that notes when the first new token arrived (its first put is the prompt)."""
-
-    def __init__(self, at: list[float]):
-        self.at, self.puts = at, 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.at.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 @app.command()

@@ -63,8 +63,6 @@ class Verifier:
         self.max_length, self.probe = max_length, probe
         self.rng = random.SystemRandom()  # a peer must not predict which of its steps are checked
         self.shadows: dict[tuple[int, int], Shadow] = {}  # strict: by the hop's (start, end)
-        self.checked = 0  # hop steps compared with a second peer
-        self.unverified = 0  # hop steps chosen for a check that no second peer could take
 
     async def first_liar(self, outputs: Sequence[HopOutput], history: dict[int, list[StepInput]],
                          batch_size: int) -> int | None:
@@ -89,29 +87,27 @@ class Verifier:
         hop, strict = checked.stream.hop, self.settings.verify == "strict"
         second = await self._recompute(hop, inputs, {hop.peer_id}, batch_size, keep=strict)
         if second is None:
-            self.unverified += 1
             if strict:
                 raise VerificationError(f"strict verification: no second peer serves blocks {hop.start}:{hop.end} "
                                         "in the same quantization; use verify='spot' or add a peer")
             return False
-        self.checked += 1
-        allowed = self._tolerance(hop.peer_id, second.peer_id)
-        if disagreement(checked.output, second.output, checked.sent.mask) <= allowed:
+        if disagreement(checked.output, second.output, checked.sent.mask) <= self._tolerance(hop.peer_id, second.peer_id):
             return False
+        problem = f"peers {hop.peer_id[-8:]} and {second.peer_id[-8:]} disagree on blocks {hop.start}:{hop.end} and "
         third = await self._recompute(hop, inputs, {hop.peer_id, second.peer_id}, batch_size, keep=False)
-        if third is not None:
+        if third is None:
+            problem += "no third peer serves them"
+        else:
             allowed = self._tolerance(hop.peer_id, second.peer_id, third.peer_id)
-        peers = f"peers {hop.peer_id[-8:]} and {second.peer_id[-8:]}"
-        if third is not None and disagreement(checked.output, third.output, checked.sent.mask) <= allowed:
-            self._caught(second.peer_id, hop)
-            if (shadow := self.shadows.pop((hop.start, hop.end), None)) is not None:  # the liar's session
-                shadow.stream.close()
-            return False
-        if third is not None and disagreement(second.output, third.output, checked.sent.mask) <= allowed:
-            self._caught(hop.peer_id, hop)
-            return True
-        problem = (f"{peers} disagree on blocks {hop.start}:{hop.end} and "
-                   + ("no third peer serves them" if third is None else f"a third, {third.peer_id[-8:]}, agrees with neither"))
+            if disagreement(checked.output, third.output, checked.sent.mask) <= allowed:
+                self._caught(second.peer_id, hop)
+                if (shadow := self.shadows.pop((hop.start, hop.end), None)) is not None:  # the liar's session
+                    shadow.stream.close()
+                return False
+            if disagreement(second.output, third.output, checked.sent.mask) <= allowed:
+                self._caught(hop.peer_id, hop)
+                return True
+            problem += f"a third, {third.peer_id[-8:]}, agrees with neither"
         if strict:
             raise VerificationError(f"strict verification: {problem}")
         logger.warning(f"{problem}: the step stands unconfirmed")
@@ -128,11 +124,11 @@ class Verifier:
         return tolerance([peers[p].announcement if p in peers else None for p in peer_ids], self.settings.verify_tolerance)
 
     def _candidates(self, hop: Hop, exclude: set[str]) -> list[str]:
-        """Other peers that serve all of the hop's blocks and keep their weights as the hop's peer does."""
-        peers = self.view.online_peers()
+        """Other peers, not banned, that serve all of the hop's blocks and keep their weights as the hop's peer does."""
+        peers, unusable = self.view.online_peers(), exclude | self.bans.active()
         own = peers.get(hop.peer_id)
         return [peer_id for peer_id, record in peers.items()
-                if peer_id not in exclude and peer_id not in self.bans.forever
+                if peer_id not in unusable
                 and record.announcement.start <= hop.start and hop.end <= record.announcement.end
                 and (own is None or record.announcement.quant == own.announcement.quant)]
 
@@ -142,7 +138,7 @@ class Verifier:
         key = (hop.start, hop.end)
         if keep and key in self.shadows:
             shadow = self.shadows.pop(key)
-            if shadow.stream.hop.peer_id not in exclude | self.bans.forever:
+            if shadow.stream.hop.peer_id not in exclude | self.bans.active():
                 try:
                     if shadow.fed < len(inputs):  # else: it has this step already (the route was rebuilt since)
                         if shadow.fed < len(inputs) - 1:  # it missed steps (a failover replayed them elsewhere)

@@ -9,7 +9,7 @@ from client.health.report import HealthReport, ModelTarget, build_report
 from swarm.dht import SwarmDHT
 from swarm.membership import SwarmKey
 from swarm.errors import SwarmError
-from swarm.records import BlockAnnouncement, ModelRegistration, PeerState
+from swarm.records import ModelRegistration, PeerState
 
 MIN_PING_TIMEOUT = 0.5  # seconds a ping gets even when the reads used up most of the budget
 
@@ -48,25 +48,19 @@ async def gather(dht: SwarmDHT, refs: list[str], timeout: float, verify: bool = 
     peer_ids = sorted({p for table in found for block in table for p in block})
     ping_timeout = max(left(), MIN_PING_TIMEOUT)
     records = {p: record.announcement for table in found for block in table for p, record in block.items()}
-    rtts = dict(zip(peer_ids, await asyncio.gather(*(_ping(dht, records[p], p, ping_timeout) for p in peer_ids))))
+    relays = dict(zip(peer_ids, await asyncio.gather(*(dht.relay_to(records[p], ping_timeout) for p in peer_ids))))
+    ping_timeout = max(left(), MIN_PING_TIMEOUT)
+    rtts = dict(zip(peer_ids, await asyncio.gather(*(dht.ping(p, ping_timeout, relays[p]) for p in peer_ids))))
     checks = OutputCheck()
     if verify:
         for table in found:
             answering = {p: r.announcement for block in table for p, r in block.items()
                          if r.announcement.state == PeerState.online and rtts.get(p) is not None}
-            check = await check_outputs(dht, answering, max(timeout, MIN_PING_TIMEOUT))
+            check = await check_outputs(dht, answering, relays, max(timeout, MIN_PING_TIMEOUT))
             checks.verdicts.update(check.verdicts)
             checks.problems += check.problems
             checks.failures += check.failures
-    return build_report(targets, tables, rtts, unknown, checks.verdicts if verify else None,
-                        checks.problems, checks.failures)
-
-
-async def _ping(dht: SwarmDHT, record: BlockAnnouncement, peer_id: str, timeout: float) -> float | None:
-    """The round trip to a peer, through its relay if it is behind NAT."""
-    started = time.monotonic()
-    relay = await dht.relay_to(record, timeout)
-    return await dht.ping(peer_id, max(timeout - (time.monotonic() - started), MIN_PING_TIMEOUT), relay)
+    return build_report(targets, tables, rtts, unknown, checks.verdicts, checks.problems, checks.failures)
 
 
 async def _targets(registered: list[ModelRegistration], refs: list[str]) -> tuple[list[ModelTarget], list[str]]:

@@ -33,10 +33,11 @@ class OutputCheck:
     failures: list[str] = field(default_factory=list)
 
 
-async def check_outputs(dht: SwarmDHT, records: dict[str, BlockAnnouncement], timeout: float) -> OutputCheck:
-    """Compare the outputs of the peers in `records` (online and answering, one model) segment by segment."""
+async def check_outputs(dht: SwarmDHT, records: dict[str, BlockAnnouncement], relays: dict[str, str | None],
+                        timeout: float) -> OutputCheck:
+    """Compare the outputs of the peers in `records` (online and answering, one model) segment by segment;
+    `relays`: the relay each is called through (None: directly), as the pings found."""
     result = OutputCheck()
-    relays = {p: await dht.relay_to(r, timeout) for p, r in records.items()}
     widths = await asyncio.gather(*(_hidden_size(dht, p, relays[p], timeout) for p in records))
     hidden_size = max(widths, default=0)
     if not hidden_size:
