@@ -5,9 +5,10 @@ the projections and MLPs run as one matrix-matrix product instead of one matrix-
 session. Attention is the only part that must see sessions apart: each has its own cache length
 and mask, so this function cuts the flat sequence into segments, stores each segment's keys and
 values in its session's cache, and runs torch's SDPA per segment with the query heads grouped over
-the key/value heads (`enable_gqa`, no copies). It calls SDPA itself rather than through
-transformers' wrapper: every session in a pass pays this per layer, and the direct call (with one
-index per cache block) makes passes of many sessions measurably faster (docs/batching.md).
+the key/value heads (`enable_gqa`, no copies; 16-bit floats on a CPU in float32, torch's faster
+kernel there). It calls SDPA itself rather than through transformers' wrapper: every session in a
+pass pays this per layer, and the direct call (with one index per cache block) makes passes of
+many sessions measurably faster (docs/batching.md).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from transformers import AttentionInterface
 from swarm.kv_cache import KVCache
 
 NAME = "swarm_ragged"
+WIDENED = (torch.float16, torch.bfloat16)  # attention computed in float32 on a CPU
 
 
 @dataclass
@@ -65,15 +67,24 @@ def ragged_attention(
             q, k, v = (t[0, :, cut].unflatten(1, (segment.rows, segment.length)).transpose(0, 1) for t in (query, key, value))
         keys, values = segment.cache.update(k, v, cast(int, module.layer_idx))
         if softcap is None:
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=segment.masks[window], scale=scaling, enable_gqa=True
-            )  # [rows, heads, length, dim]
+            out = attention(q, keys, values, segment.masks[window], scaling)  # [rows, heads, length, dim]
         else:
             out = _softcapped_attention(q, keys, values, segment.masks[window], scaling, softcap)
         outputs.append(out[0] if segment.rows == 1 else out.transpose(0, 1).flatten(1, 2))  # [heads, rows * length, dim]
         offset += segment.tokens
     joined = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return joined.transpose(0, 1)[None], None
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+              scaling: float | None) -> torch.Tensor:
+    """SDPA; float16 and bfloat16 on a CPU widened to float32, exactly: torch's CPU kernel runs a decode
+    step several times slower in 16 bits than in float32, copies included (docs/performance.md)."""
+    if q.dtype not in WIDENED or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=scaling,
+                                         enable_gqa=True)
+    return out.to(q.dtype)
 
 
 def _softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

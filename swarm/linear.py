@@ -7,12 +7,19 @@ through the weight at full speed. With several threads weight-major wins from 2 
 one thread (peers sharing cores) it wins only for a few tokens, so one thread goes weight-major up
 to ONE_THREAD_MAX_ROWS only (the measurements are in docs/batching.md). Results differ from
 `F.linear` only in the rounding of the sums.
+
+float16 weights on a CPU: one row is a matrix-vector product that reads half the bytes of float32,
+the fastest of all, but CPUs without float16 arithmetic (AVX-512 FP16) multiply several rows
+several times slower than in float32. So from a few rows on, the weight is widened to float32 for
+the product (exactly: every float16 is a float32) and the result rounded back to float16.
 """
 from __future__ import annotations
 
 import torch
 
 ONE_THREAD_MAX_ROWS = 5  # above this many tokens, one thread computes x @ W^T faster
+FLOAT16_WIDEN_ROWS = 4  # from this many tokens on, one thread multiplies float16 weights in float32
+FLOAT16_WIDEN_ROWS_THREADS = 8  # the same with several threads
 
 
 class WeightMajorLinear(torch.nn.Linear):
@@ -20,11 +27,24 @@ class WeightMajorLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows == 1 or (rows > ONE_THREAD_MAX_ROWS and torch.get_num_threads() == 1):
-            return super().forward(x)  # one token: a matrix-vector product either way; one thread: the faster kernel
-        flat = x.reshape(-1, self.in_features).T
-        out = torch.mm(self.weight, flat) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
-        return out.T.contiguous().view(*x.shape[:-1], self.out_features)
+        if self.weight.dtype == torch.float16 and self.weight.device.type == "cpu" and rows >= widen_rows():
+            bias = None if self.bias is None else self.bias.float()
+            return product(x.float(), self.weight.float(), bias, rows).to(x.dtype)
+        return product(x, self.weight, self.bias, rows)
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x @ weight^T + bias, weight-major unless one row or one thread's many rows make F.linear the faster."""
+    if rows == 1 or (rows > ONE_THREAD_MAX_ROWS and torch.get_num_threads() == 1):
+        return torch.nn.functional.linear(x, weight, bias)  # one token: a matrix-vector product either way
+    flat = x.reshape(-1, weight.shape[1]).T
+    out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)
+    return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def widen_rows() -> int:
+    """Rows from which a float16 product on a CPU is faster widened to float32."""
+    return FLOAT16_WIDEN_ROWS if torch.get_num_threads() == 1 else FLOAT16_WIDEN_ROWS_THREADS
 
 
 def weight_major(module: torch.nn.Module) -> torch.nn.Module:

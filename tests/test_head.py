@@ -7,7 +7,7 @@ import time
 import torch
 
 from client.head import SharedHead
-from swarm.linear import WeightMajorLinear, weight_major
+from swarm.linear import WeightMajorLinear, weight_major, widen_rows
 
 
 def test_weight_major_linear_equals_f_linear():
@@ -33,6 +33,25 @@ def test_weight_major_linear_equals_f_linear():
     one = torch.randn(1, 1, 64)
     first = torch.nn.functional.linear(one, module[0].weight, module[0].bias)
     assert torch.equal(module(one), torch.nn.functional.linear(first, module[1].weight))
+
+
+def test_float16_weight_major_linear_is_float16_rounding_of_the_exact_product():
+    """One row multiplies in float16; from widen_rows() rows on, widened to float32: both within float16 rounding."""
+    torch.manual_seed(0)
+    layer = weight_major(torch.nn.Linear(64, 96)).half()
+    exact_weight, exact_bias = layer.weight.double(), layer.bias.double()
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for rows in sorted({1, 2, widen_rows() - 1, widen_rows(), 32}):
+                x = torch.randn(rows, 64).half()
+                got = layer(x)
+                exact = x.double() @ exact_weight.T + exact_bias
+                assert got.dtype == torch.float16 and got.shape == (rows, 96)
+                assert torch.allclose(got.double(), exact, rtol=2e-3, atol=2e-3), (count, rows)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Gate:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, SLIDING_WINDOW, VOCAB_SIZE
 
+from swarm.attention import attention
 from swarm.client_parts import ClientParts
 from swarm.reference import resolve_model, safetensors_files
 from swarm.span import Span
@@ -147,6 +148,23 @@ def test_tiny_sliding_window_is_exercised(family, tiny_model_path, tiny_referenc
 
 
 # ---------------------------------------------------------------- dtypes and cache-less execution
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("new", [1, 9])
+def test_16_bit_attention_is_the_rounding_of_the_exact_one(dtype, new):
+    """On a CPU it runs widened to float32: a decode step, and a masked prefill, both within 16-bit rounding."""
+    torch.manual_seed(0)
+    q, keys, values = (torch.randn(1, heads, length, 64).to(getattr(torch, dtype)) for heads, length in
+                       ((9, new), (3, 40), (3, 40)))
+    mask = torch.ones(new, 40, dtype=torch.bool).tril(40 - new)[None, None]
+    got = attention(q, keys, values, mask, None)
+    groups = [t.double().repeat_interleave(3, dim=1) for t in (keys, values)]
+    scores = (q.double() @ groups[0].transpose(-1, -2) / 8).masked_fill(~mask, float("-inf"))
+    exact = torch.softmax(scores, dim=-1) @ groups[1]
+    tolerance = 2e-3 if dtype == "float16" else 1.6e-2
+    assert got.dtype == getattr(torch, dtype) and got.shape == exact.shape
+    assert torch.allclose(got.double(), exact, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
