@@ -134,7 +134,7 @@ class InferenceSession:
                 if retries > self.settings.max_retries:
                     raise RouteError(f"gave up on blocks {stream.hop.start}:{stream.hop.end} after {retries - 1} reroutes: {e}") from None
                 logger.warning(f"{e}; rerouting blocks {stream.hop.start}:{stream.hop.end}")
-                if e.code != "relay":  # a relay's limit says nothing about the peer: it may serve the new stream
+                if e.code != "relay":  # a relay's limit says nothing about the peer: it may serve a new stream
                     self.bans.ban(stream.hop.peer_id)
                 stream.close()
                 await self._replace(index)

@@ -77,7 +77,8 @@ class RelayService:
         except StopAsyncIteration:
             return
         except Exception as e:
-            yield _refusal(f"peer {target[-8:]} cannot be reached through this relay: {e or type(e).__name__}")
+            yield protocol.pack_response(protocol.ErrorReply(
+                code="unreachable", message=f"peer {target[-8:]} cannot be reached through this relay: {e or type(e).__name__}"))
         finally:
             self.open[target] -= 1
 

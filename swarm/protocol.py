@@ -177,7 +177,8 @@ class StepResult(_Message):
 
 ErrorCode = Literal["bad_request", "cache_full", "shutting_down", "unknown_session", "duplicate_session", "idle", "internal",
                     "not_served",  # the peer does not serve those blocks (any more): the client's view was stale
-                    "relay",  # a relay ended the stream at its limits, or cannot reach the peer
+                    "relay",  # a relay ended the stream at its limits: the peer may serve a new one
+                    "unreachable",  # a relay cannot reach the peer (any more): it is gone or its link is
                     "not_member"]  # a private swarm's peer refuses a caller without its key
 
 

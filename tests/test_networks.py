@@ -115,7 +115,7 @@ class Client:
         finally:
             self.process.kill()
         self.reader.join(10)
-        assert self.process.returncode == 0, self.stderr[:3000]
+        assert self.process.returncode == 0, self.stderr[-4000:]  # the tail holds the error that ended it
         return json.loads(list(self.lines.queue)[-1])
 
 
