@@ -77,6 +77,9 @@ class RelayService:
         except StopAsyncIteration:
             return
         except Exception as e:
+            if budget.exceeded:  # the stream broke because its limit ended it: the peer is fine
+                yield _refusal(budget.exceeded)
+                return
             yield protocol.pack_response(protocol.ErrorReply(
                 code="unreachable", message=f"peer {target[-8:]} cannot be reached through this relay: {e or type(e).__name__}"))
         finally:
