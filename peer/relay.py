@@ -71,19 +71,18 @@ class RelayService:
                 if not budget.allows(reply.ByteSize()):
                     break
                 yield reply
-            if budget.exceeded:  # the peer saw its requests end and closed the session
-                logger.info(f"relayed stream to {target[-8:]} ended: {budget.exceeded}")
-                yield _refusal(budget.exceeded)
         except StopAsyncIteration:
             return
         except Exception as e:
-            if budget.exceeded:  # the stream broke because its limit ended it: the peer is fine
-                yield _refusal(budget.exceeded)
+            if not budget.exceeded:  # a stream that broke after its limit ended it says nothing about the peer
+                yield _refusal(f"peer {target[-8:]} cannot be reached through this relay: {e or type(e).__name__}",
+                               "unreachable")
                 return
-            yield protocol.pack_response(protocol.ErrorReply(
-                code="unreachable", message=f"peer {target[-8:]} cannot be reached through this relay: {e or type(e).__name__}"))
         finally:
             self.open[target] -= 1
+        if budget.exceeded:  # the peer saw its requests end and closed the session
+            logger.info(f"relayed stream to {target[-8:]} ended: {budget.exceeded}")
+            yield _refusal(budget.exceeded)
 
 
 class Budget:
@@ -108,8 +107,8 @@ class Budget:
             yield request
 
 
-def _refusal(message: str) -> runtime_pb2.ExpertResponse:
-    return protocol.pack_response(protocol.ErrorReply(code="relay", message=message))
+def _refusal(message: str, code: protocol.ErrorCode = "relay") -> runtime_pb2.ExpertResponse:
+    return protocol.pack_response(protocol.ErrorReply(code=code, message=message))
 
 
 async def keep_connected(dht: SwarmDHT, relays: list[str], period: float) -> None:
