@@ -23,6 +23,7 @@ from client.settings import ClientSettings
 from client.swarm_view import SwarmView
 from client.verification import HopOutput, Verifier
 from swarm import protocol
+from swarm.dtypes import DTypeName
 from swarm.errors import RouteError, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class InferenceSession:
     @property
     def route(self) -> list[Hop]:
         return [s.hop for s in self.streams]
+
+    def last_dtype(self) -> DTypeName | None:
+        """The precision the route's last peer announces: its outputs are exact in it, whatever the wire's dtype."""
+        return self.view.dtype_of(self.streams[-1].hop.peer_id) if self.streams else None
 
     def reorder(self, rows: list[int]) -> None:
         """Beam search: from the next step on, row i continues what row rows[i] held (in every peer's cache)."""
@@ -168,16 +173,18 @@ class InferenceSession:
         assert self.batch_size is not None  # known from the first step, which opens the first route
         deadline = time.monotonic() + self.settings.route_timeout
         full: set[str] = set()  # peers whose cache cannot hold this session: skipped here, not banned
+        waited = False
         while True:
             await self.view.ensure_fresh()
             banned = self.bans.active() | full
             peers = self.view.online_peers()  # all of them: a RouteError counts the skipped ones
-            rtts = await self.view.rtts([p for p in peers if p not in banned])
+            rtts = await self.view.rtts([p for p in peers if p not in banned], recheck_unreachable=waited)
             try:
                 hops = build_route(self.view.model.num_blocks, peers, rtts, banned, first, last, placed=self.view.placed())
             except RouteError as e:
                 if time.monotonic() > deadline:
                     raise self.view.explained(e) from None
+                waited = True
                 await asyncio.sleep(0.5)
                 await self.view.refresh()
                 continue

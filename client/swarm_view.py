@@ -89,6 +89,10 @@ class SwarmView:
                     peers[peer_id] = record
         return peers
 
+    def dtype_of(self, peer_id: str) -> DTypeName | None:
+        """The precision PEER_ID announces, None if the view has no record of it."""
+        return next((block[peer_id].announcement.dtype for block in self.blocks if peer_id in block), None)
+
     def _wanted(self, record: PeerRecord) -> bool:
         announced = record.announcement
         return self.dtype in (None, announced.dtype) and self.quant in (None, announced.quant)
@@ -118,10 +122,15 @@ class SwarmView:
         return {peer_id: sum(p.at > measured.get(peer_id, 0.0) for p in placements)
                 for peer_id, placements in self._placements.items() if placements}
 
-    async def rtts(self, peer_ids: list[str]) -> dict[str, float]:
-        """Round-trip times in seconds (the fastest of a few info calls), cached; unreachable peers get infinity."""
+    async def rtts(self, peer_ids: list[str], recheck_unreachable: bool = False) -> dict[str, float]:
+        """Round-trip times in seconds (the fastest of a few info calls), cached; unreachable peers get infinity.
+
+        RECHECK_UNREACHABLE pings again the peers that did not answer last time: a route that waits for
+        missing blocks must not wait out a verdict from one slow moment (a relay still opening its circuit).
+        """
         now = time.monotonic()
-        stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl]
+        stale = [p for p in peer_ids if p not in self._rtt or now - self._rtt[p][1] > self.rtt_ttl
+                 or (recheck_unreachable and self._rtt[p][0] == float("inf"))]
         if stale:
             results = await asyncio.gather(*(self._fastest_ping(p) for p in stale))
             for peer_id, rtt in zip(stale, results):

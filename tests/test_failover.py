@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from client import DistributedModelForCausalLM
+from client import DistributedModelForCausalLM, loop
 from swarm.local_swarm import LocalSwarm
 from swarm.errors import RouteError
 from swarm.reference import resolve_model
@@ -162,6 +162,26 @@ def test_peer_killed_while_session_idle(swarm, model, expected):
         time.sleep(1)
         rest = model.generate(first, max_new_tokens=NEW_TOKENS - 20, do_sample=False)
     assert rest.tolist() == want
+
+
+def test_a_peer_silent_while_first_measured_is_measured_again_while_the_route_waits(swarm, expected):
+    """A peer that missed its ping (a busy moment, a relay still opening) is not written off for the rtt's whole
+    lifetime: the route waiting for its blocks asks it again, well within the route timeout."""
+    spans = two_per_span(swarm, model := DistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", initial_peers=swarm.initial_peers, route_timeout=6))
+    ids, want = expected
+    silent, other = spans["0:15"]
+    model.bans.until[other.peer_id] = float("inf")  # the silent peer is the only one left for blocks 0-14
+    try:
+        loop.run(model.view.ensure_fresh())
+        silent.signal(signal.SIGSTOP)
+        try:
+            assert loop.run(model.view.rtts([silent.peer_id])) == {silent.peer_id: float("inf")}
+        finally:
+            silent.signal(signal.SIGCONT)
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist()[0] == want[0][:ids.shape[1] + 8]
+    finally:
+        model.close()
 
 
 def test_last_peer_for_a_block_dies(swarm, model, expected):
