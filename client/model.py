@@ -42,7 +42,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, model: ResolvedModel, settings: ClientSettings):
         super().__init__(model.config)
         self.resolved, self.settings = model, settings
-        self.parts = ClientParts(model, settings.dtype or "float32")
+        # a route of any precision may come back in float16: the head then reads a float16 copy (swarm/client_parts.py)
+        self.parts = ClientParts(model, settings.dtype or "float32", half_head=settings.dtype is None)
         self.head = SharedHead(self.parts.logits, settings.head_batch_wait)
         self.generation_config = GenerationConfig.from_model_config(model.config)
         if self.generation_config.pad_token_id is None and (eos := eos_ids(self.generation_config)):
@@ -152,7 +153,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         except BaseException:
             self.head.forget(session)  # it will not ask: nobody waits for it
             raise
-        return self.head(output[:, -1], session)
+        last = output[:, -1]
+        if self.parts.half_head is not None and session.last_dtype() == "float16":
+            last = last.to(torch.float16)  # exactly: the last peer computed it in float16
+        return self.head(last, session)
 
     async def _forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         await self.view.ensure_fresh()

@@ -1,12 +1,15 @@
 """The client's shared LM head and the weight-major linear layers it and the spans use."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
+import pytest
 import torch
 
 from client.head import SharedHead
+from swarm.client_parts import ClientParts
 from swarm.linear import WeightMajorLinear, weight_major, widen_rows
 
 
@@ -52,6 +55,27 @@ def test_float16_weight_major_linear_is_float16_rounding_of_the_exact_product():
                 assert torch.allclose(got.double(), exact, rtol=2e-3, atol=2e-3), (count, rows)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_float32_head_reads_its_float16_copy_for_one_float16_row_only(default_model):
+    """One row that came back from float16 peers: a float16 model's final norm and head (within float16
+    rounding), close to the float32 head; several rows, float32 states or no copy: the float32 head itself."""
+    torch.manual_seed(0)
+    parts, plain = ClientParts(default_model, half_head=True), ClientParts(default_model)
+    if parts.half_head is None:
+        pytest.skip("one float16 row is not clearly faster than float32 on this CPU: the client keeps no copy")
+    half_norm, half_weight = copy.deepcopy(plain.norm).half(), plain.lm_head.weight.half()
+    rows = (torch.randn(4, default_model.config.hidden_size) * 3).half()  # float16-exact, as float16 peers send
+    exact = plain.logits(rows.float())
+    for i in range(len(rows)):
+        got = parts.logits(rows[i:i + 1])
+        wanted = torch.nn.functional.linear(half_norm(rows[i:i + 1]), half_weight).float()
+        assert got.dtype == torch.float32 and torch.equal(got, got.half().float())  # computed in float16
+        assert torch.allclose(got, wanted, rtol=1e-2, atol=2e-2)
+        assert (got - exact[i]).abs().max() < 0.1 and got.argmax() == exact[i].argmax()
+    assert torch.equal(parts.logits(rows), exact)
+    one = plain.logits(rows[:1].float())
+    assert torch.equal(parts.logits(rows[:1].float()), one) and torch.equal(plain.logits(rows[:1]), one)
 
 
 class _Gate:
