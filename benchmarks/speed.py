@@ -370,12 +370,12 @@ def _proxied_targets(stack: ExitStack, logs: Path, peer_args: list[str], delays:
 def _report(model, ids, new_tokens, runs, threads, settings, peer_args, delays, bandwidth_mbps, baseline_runs,
             targets, concurrency_args, concurrency_results, batch_results, start_times, info) -> dict[str, Any]:
     """Print the tables and return the JSON document."""
-    ttfts = {name: median(g.ttft_s for g in runs_) for name, runs_ in baseline_runs.items()}
-    rates = {name: median(g.decode_tokens_per_s for g in runs_) for name, runs_ in baseline_runs.items()}
-    base_ttft, base_rate = next(iter(ttfts.values())), next(iter(rates.values()))
-    fastest = max(rates.values())
-    rows = [[f"baseline (transformers {name}, 1 process)", ttfts[name], ttfts[name] / base_ttft, rate,
-             rate / base_rate, rate / fastest, 1000 / rate, None, None] for name, rate in rates.items()]
+    base_ttfts = {name: median(g.ttft_s for g in runs_) for name, runs_ in baseline_runs.items()}
+    base_rates = {name: median(g.decode_tokens_per_s for g in runs_) for name, runs_ in baseline_runs.items()}
+    base_ttft, base_rate = next(iter(base_ttfts.values())), next(iter(base_rates.values()))
+    fastest = max(base_rates.values())
+    rows = [[f"baseline (transformers {name}, 1 process)", base_ttfts[name], base_ttfts[name] / base_ttft, rate,
+             rate / base_rate, rate / fastest, 1000 / rate, None, None] for name, rate in base_rates.items()]
     swarms = {}
     for target in targets:
         generations = target.results["generation"]

@@ -89,9 +89,14 @@ class SwarmView:
                     peers[peer_id] = record
         return peers
 
+    def record_of(self, peer_id: str) -> PeerRecord | None:
+        """PEER_ID's record in any block, None if the view has none."""
+        return next((block[peer_id] for block in self.blocks if peer_id in block), None)
+
     def dtype_of(self, peer_id: str) -> DTypeName | None:
         """The precision PEER_ID announces, None if the view has no record of it."""
-        return next((block[peer_id].announcement.dtype for block in self.blocks if peer_id in block), None)
+        record = self.record_of(peer_id)
+        return None if record is None else record.announcement.dtype
 
     def _wanted(self, record: PeerRecord) -> bool:
         announced = record.announcement
@@ -144,7 +149,7 @@ class SwarmView:
 
     async def reach(self, peer_id: str) -> str | None:
         """The relay to call PEER_ID through if it is behind NAT (swarm/dht.py), else None."""
-        record = next((block[peer_id] for block in self.blocks if peer_id in block), None)
+        record = self.record_of(peer_id)
         return None if record is None else await self.dht.relay_to(record.announcement, PING_TIMEOUT)
 
     async def _fastest_ping(self, peer_id: str) -> float | None:

@@ -167,12 +167,11 @@ def test_peer_killed_while_session_idle(swarm, model, expected):
 def test_a_peer_silent_while_first_measured_is_measured_again_while_the_route_waits(swarm, expected):
     """A peer that missed its ping (a busy moment, a relay still opening) is not written off for the rtt's whole
     lifetime: the route waiting for its blocks asks it again, well within the route timeout."""
-    spans = two_per_span(swarm, model := DistributedModelForCausalLM.from_pretrained(
-        "smollm2-135m", initial_peers=swarm.initial_peers, route_timeout=6))
+    model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=swarm.initial_peers, route_timeout=6)
     ids, want = expected
-    silent, other = spans["0:15"]
-    model.bans.until[other.peer_id] = float("inf")  # the silent peer is the only one left for blocks 0-14
     try:
+        silent, other = two_per_span(swarm, model)["0:15"]
+        model.bans.until[other.peer_id] = float("inf")  # the silent peer is the only one left for blocks 0-14
         loop.run(model.view.ensure_fresh())
         silent.signal(signal.SIGSTOP)
         try:
