@@ -112,19 +112,23 @@ def main(
     logs = Path(tempfile.mkdtemp(prefix="churn-"))
     common = ["--dtype", "float32", "--announce-period", "5"]
     with LocalSwarm(logs, common) as swarm:
-        swarm.add(["--blocks", "0:30" if fixed_peer else "0:1"], name="entry")
+        names = [f"churn{index}" for index in range(len(CHURNED))]
+        first = swarm.add_together([["--blocks", "0:30" if fixed_peer else "0:1"], *(["--blocks", b] for b in CHURNED)],
+                                   ["entry", *names])
         coverage.set("entry", (0, 30) if fixed_peer else (0, 1))
         churned: dict[str, PeerProcess | None] = {}
         join = [a for m in swarm.initial_peers for a in ("--initial-peers", m)]
 
-        def start(name: str, blocks: str) -> None:
-            peer = start_peer([*join, *common, "--blocks", blocks], logs, f"{name}-{time.monotonic():.0f}")
+        def serving(name: str, peer: PeerProcess, blocks: str) -> None:
             churned[name] = peer
             start_block, end_block = map(int, blocks.split(":"))
             coverage.set(name, (start_block, end_block))
 
-        for index, blocks in enumerate(CHURNED):
-            start(f"churn{index}", blocks)
+        def start(name: str, blocks: str) -> None:
+            serving(name, start_peer([*join, *common, "--blocks", blocks], logs, f"{name}-{time.monotonic():.0f}"), blocks)
+
+        for name, peer, blocks in zip(names, first[1:], CHURNED):
+            serving(name, peer, blocks)
         stop_at = time.monotonic() + minutes * 60
 
         def generate_forever(client_index: int) -> None:

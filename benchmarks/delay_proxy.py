@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from benchmarks.common import console, free_port, table
+from benchmarks.common import console, table
 
 CHUNK = 65536
 QUEUE_CHUNKS = 256  # per direction: beyond this the proxy stops reading, and TCP pushes back on the sender
@@ -165,7 +165,7 @@ def start_proxied_peer(host: ProxyHost, args: list[str], log_dir: Path, name: st
                        delay_ms: float = 0.0, bandwidth_mbps: float | None = None):
     """A swarm-serve process that others can reach only through a new proxy: it listens on a real port
     but announces the proxy's. Returns (PeerProcess, DelayProxy)."""
-    from swarm.local_swarm import start_peer
+    from swarm.local_swarm import free_port, start_peer
 
     real_port = free_port()
     proxy = host.add(real_port, delay_ms, bandwidth_mbps)

@@ -19,9 +19,10 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
     with LocalSwarm(logs) as swarm:
         try:
-            for name in ("peer-0-10", "peer-10-20", "peer-20-30"):
-                with console.status(f"starting {name} (swarm-serve --config configs/{name}.yaml)"):
-                    peer = swarm.add(["--config", str(CONFIGS / f"{name}.yaml")], name)
+            names = ["peer-0-10", "peer-10-20", "peer-20-30"]
+            with console.status(f"starting {', '.join(names)} together (swarm-serve --config configs/NAME.yaml)"):
+                peers = swarm.add_together([["--config", str(CONFIGS / f"{name}.yaml")] for name in names], names)
+            for peer in peers:
                 console.print(f"[green]✓[/green] {peer.ready_line}")
         except PeerStartError as e:
             console.print(f"[red]a peer failed to start:[/red] {e}")

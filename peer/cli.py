@@ -27,6 +27,9 @@ def serve(
     num_blocks: Optional[int] = typer.Option(None, help="Serve this many blocks where the swarm needs them most."),
     new_swarm: bool = typer.Option(False, "--new-swarm", help="Start a new swarm instead of joining one."),
     initial_peers: Optional[list[str]] = typer.Option(None, help="Multiaddrs of peers to join through (env: SWARM_INITIAL_PEERS)."),
+    join_timeout: Optional[float] = typer.Option(
+        None, help="Seconds to keep trying initial peers that do not answer yet, for peers started together "
+                   "(default: 0, one try)."),
     host: Optional[str] = typer.Option(None, help="Address to listen on (default: 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="TCP port to listen on (default: any free port)."),
     announce_maddrs: Optional[list[str]] = typer.Option(None, help="Multiaddrs others should reach this peer at."),

@@ -108,7 +108,8 @@ class Peer:
         identity = str(settings.identity) if settings.identity else None
         swarm_key = SwarmKey.load(settings.swarm_key) if settings.swarm_key else None
         dht = await SwarmDHT.create(settings.initial_peers, host=settings.host, port=settings.port,
-                                    announce_maddrs=settings.announce_maddrs, identity_path=identity, swarm_key=swarm_key)
+                                    announce_maddrs=settings.announce_maddrs, identity_path=identity, swarm_key=swarm_key,
+                                    join_timeout=settings.join_timeout)
         relaying = settings.relay_streams > 0
         await serve_checks(dht.p2p, relays=relaying, swarm_key=swarm_key)
         maddrs = await dht.visible_maddrs()

@@ -24,6 +24,8 @@ class PeerSettings(BaseModel):
     num_blocks: int | None = Field(default=None, gt=0, description="serve this many blocks where the swarm needs them")
     new_swarm: bool = False
     initial_peers: list[str] = []
+    join_timeout: float = Field(default=0.0, ge=0, le=3600,
+                                description="seconds to keep trying initial peers that do not answer yet")
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     announce_maddrs: list[str] = []

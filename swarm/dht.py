@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P, PeerID
@@ -33,6 +34,7 @@ from swarm.records import (
 )
 
 logger = logging.getLogger(__name__)
+JOIN_RETRY_SECONDS = 1.0  # between tries of initial peers that did not answer, within --join-timeout
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,29 @@ class SwarmDHT:
         identity_path: str | None = None,
         client_mode: bool = False,
         swarm_key: SwarmKey | None = None,
+        join_timeout: float = 0.0,
     ) -> "SwarmDHT":
         """IDENTITY_PATH: the private key file of the peer id (made if missing; without it, a new identity).
-        With SWARM_KEY, a member of that private swarm: it stores, reads and calls members only."""
-        identity, key, existed = prepare_identity(identity_path)
+        With SWARM_KEY, a member of that private swarm: it stores, reads and calls members only.
+        JOIN_TIMEOUT: seconds to keep trying initial peers that do not answer yet (peers started together)."""
+        identity = prepare_identity(identity_path)
+        deadline, tries = time.monotonic() + join_timeout, 0
+        while True:
+            try:
+                return await cls._create(initial_peers, host, port, announce_maddrs, identity, client_mode, swarm_key)
+            except SwarmError as e:
+                if not initial_peers or time.monotonic() + JOIN_RETRY_SECONDS > deadline:
+                    raise
+                if not tries:
+                    logger.info(f"{e}; trying again for up to {join_timeout:.0f} s (--join-timeout)")
+                tries += 1
+                await asyncio.sleep(JOIN_RETRY_SECONDS)
+
+    @classmethod
+    async def _create(cls, initial_peers: list[str], host: str, port: int, announce_maddrs: list[str] | None,
+                      prepared: tuple[str, RSAPrivateKey, bool], client_mode: bool,
+                      swarm_key: SwarmKey | None) -> "SwarmDHT":
+        identity, key, existed = prepared
         try:
             with _daemon_in_its_own_session():
                 p2p = await P2P.create(

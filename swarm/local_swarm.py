@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.lifetime import die_with_parent
+
+
+START_TIMEOUT = 180.0  # seconds a peer may take to serve: a cold conversion of the default model included
 
 
 class PeerStartError(RuntimeError):
@@ -72,10 +76,16 @@ def launch_peer(args: list[str], log_dir: Path, name: str, env: dict | None = No
     return peer
 
 
-def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, env: dict | None = None,
+def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = START_TIMEOUT, env: dict | None = None,
                netns: str | None = None, module: str = "peer.cli") -> PeerProcess:
     """Run `swarm-serve ARGS` and return once it printed `ready`; its stderr goes to LOG_DIR/NAME.log."""
     peer = launch_peer(args, log_dir, name, env, netns, module)
+    wait_ready(peer, name, timeout)
+    return peer
+
+
+def wait_ready(peer: PeerProcess, name: str, timeout: float = START_TIMEOUT) -> None:
+    """Return once a launched peer printed `ready`, noting its addresses; stop it and raise if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -90,9 +100,24 @@ def start_peer(args: list[str], log_dir: Path, name: str, timeout: float = 180, 
             peer.metrics_url = line.split(" ", 2)[2].strip()
         elif line.startswith("ready"):
             peer.ready_line = line.strip()
-            return peer
+            return
     peer.stop(5)
     raise PeerStartError(f"peer {name} did not become ready (exit {peer.process.poll()}); log:\n{peer.log.read_text()[-3000:]}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (another process may still take it before we do)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def new_identity(path: Path) -> str:
+    """Write a new private key file for a peer and return its peer id."""
+    from hivemind.p2p import P2P, PeerID
+
+    P2P.generate_identity(str(path))
+    return PeerID.from_identity(path.read_bytes()).to_base58()
 
 
 def _pump(process: subprocess.Popen, lines: "queue.Queue[str]") -> None:
@@ -119,6 +144,29 @@ class LocalSwarm:
                           module=module)
         self.peers.append(peer)
         return peer
+
+    def add_together(self, peers: list[list[str]], names: list[str] | None = None) -> list[PeerProcess]:
+        """Start several peers at once and return when all serve: a start is mostly imports on one core, so
+        on a multi-core host several take about as long as one. Into an empty swarm, the first of them
+        starts it on a port and identity chosen here, and the others keep trying it until it answers."""
+        if not peers:
+            return []
+        names = names or [f"peer{len(self.peers) + i}" for i in range(len(peers))]
+        launched, joiners = [], list(zip(peers, names))
+        if self.peers:
+            entry = self.initial_peers
+        else:
+            (args, name), *joiners = joiners
+            identity, port = self.log_dir / f"{name}.key", free_port()
+            entry = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{new_identity(identity)}"]
+            launched.append(launch_peer(["--new-swarm", "--port", str(port), "--identity", str(identity),
+                                         *self.common_args, *args], self.log_dir, name))
+        join = [a for m in entry for a in ("--initial-peers", m)] + ["--join-timeout", str(START_TIMEOUT)]
+        launched += [launch_peer([*join, *self.common_args, *args], self.log_dir, name) for args, name in joiners]
+        self.peers += launched  # stopped by stop() whatever happens below
+        for peer, name in zip(launched, names):
+            wait_ready(peer, name)
+        return launched
 
     def stop(self) -> None:
         for peer in reversed(self.peers):

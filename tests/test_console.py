@@ -34,9 +34,9 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 def swarm(tmp_path_factory: pytest.TempPathFactory):
     local = LocalSwarm(tmp_path_factory.mktemp("console-logs"), ["--announce-period", "2"])
     try:
-        local.add(["--blocks", "0:10", "--public-name", "alpha", "--metrics-port", "0"], "alpha")
-        local.add(["--blocks", "10:20", "--public-name", "beta"], "beta")
-        local.add(["--blocks", "20:30", "--public-name", "gamma"], "gamma")
+        local.add_together([["--blocks", "0:10", "--public-name", "alpha", "--metrics-port", "0"],
+                            ["--blocks", "10:20", "--public-name", "beta"],
+                            ["--blocks", "20:30", "--public-name", "gamma"]], ["alpha", "beta", "gamma"])
         yield local
     finally:
         local.stop()

@@ -52,11 +52,12 @@ def model(swarm):
 
 def two_per_span(swarm: LocalSwarm, model: DistributedModelForCausalLM) -> dict[str, list]:
     """Restart what earlier tests killed, so every span has two live peers again; ban the anchor."""
-    for span in SPANS:
-        alive = [p for p in swarm.spans.get(span, []) if p.process.poll() is None]
-        while len(alive) < 2:
-            alive.append(swarm.add(["--blocks", span], f"{span.replace(':', '-')}-{len(swarm.peers)}"))
-        swarm.spans[span] = alive
+    alive = {span: [p for p in swarm.spans.get(span, []) if p.process.poll() is None] for span in SPANS}
+    missing = [span for span in SPANS for _ in range(2 - len(alive[span]))]
+    names = [f"{span.replace(':', '-')}-{len(swarm.peers) + i}" for i, span in enumerate(missing)]
+    for span, peer in zip(missing, swarm.add_together([["--blocks", span] for span in missing], names)):
+        alive[span].append(peer)
+    swarm.spans = alive
     model.bans.until.clear()
     model.bans.until[swarm.peers[0].peer_id] = float("inf")
     time.sleep(3.5)  # one announce period: the view sees the new peers

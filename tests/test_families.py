@@ -91,8 +91,8 @@ def test_two_peers_give_transformers_greedy_tokens(family, tiny_model_path, tiny
     ids = prompt(seed=1)
     expected = greedy_tokens(tiny_reference(family), ids, NEW_TOKENS)
     with LocalSwarm(tmp_path, ["--model", str(folder), "--announce-period", "5"]) as local:
-        for start, end in UNEVEN:
-            local.add(["--blocks", f"{start}:{end}"], f"{family}-{start}-{end}")
+        local.add_together([["--blocks", f"{start}:{end}"] for start, end in UNEVEN],
+                           [f"{family}-{start}-{end}" for start, end in UNEVEN])
         model = DistributedModelForCausalLM.from_pretrained(str(folder), initial_peers=local.initial_peers)
         try:
             tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None)

@@ -65,8 +65,7 @@ def tokenizer():
 @pytest.fixture(scope="module", params=list(SPLITS))
 def swarm_model(request, tmp_path_factory):
     with LocalSwarm(tmp_path_factory.mktemp("swarm"), ["--announce-period", "5"]) as local:
-        for args in SPLITS[request.param]:
-            local.add(args)
+        local.add_together(SPLITS[request.param])
         model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=local.initial_peers)
         yield model
         model.close()

@@ -50,8 +50,7 @@ def test_two_cuda_peers_give_transformers_greedy_tokens(tiny_model_path, tiny_re
     ids = torch.randint(3, VOCAB_SIZE, (1, 16), generator=torch.Generator().manual_seed(1))
     expected = greedy_tokens(tiny_reference("llama"), ids, 12)
     with LocalSwarm(tmp_path, ["--model", str(folder), "--device", "cuda", "--dtype", "float32"]) as local:
-        local.add(["--blocks", "0:2"])
-        local.add(["--blocks", "2:5"])
+        local.add_together([["--blocks", "0:2"], ["--blocks", "2:5"]])
         model = DistributedModelForCausalLM.from_pretrained(str(folder), initial_peers=local.initial_peers)
         try:
             tokens = model.generate(ids, max_new_tokens=12, eos_token_id=None)

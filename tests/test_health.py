@@ -40,8 +40,8 @@ def health(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -
 def swarm(tmp_path_factory: pytest.TempPathFactory):
     local = LocalSwarm(tmp_path_factory.mktemp("health-logs"))
     try:
-        local.add(["--blocks", "0:15", "--announce-period", "2", "--public-name", "alpha"], "alpha")
-        local.add(["--blocks", "15:30", "--announce-period", "2", "--public-name", "beta"], "beta")
+        local.add_together([["--blocks", "0:15", "--announce-period", "2", "--public-name", "alpha"],
+                            ["--blocks", "15:30", "--announce-period", "2", "--public-name", "beta"]], ["alpha", "beta"])
         yield local
     finally:
         local.stop()
@@ -104,9 +104,10 @@ def test_a_sole_peer_that_does_not_answer_is_a_gap(schema: dict, tmp_path: Path)
     """gamma killed without a goodbye (SIGKILL): its record says online until it expires, and the two
     other DHT nodes still hold it, but nothing answers for blocks 15-29, so they are a gap."""
     with LocalSwarm(tmp_path) as local:
-        alpha = local.add(["--blocks", "0:15", "--public-name", "alpha", "--announce-period", "2"], "alpha")
-        beta = local.add(["--blocks", "0:15", "--public-name", "beta", "--announce-period", "2"], "beta")
-        gamma = local.add(["--blocks", "15:30", "--public-name", "gamma", "--announce-period", "20"], "gamma")
+        alpha, beta, gamma = local.add_together([
+            ["--blocks", "0:15", "--public-name", "alpha", "--announce-period", "2"],
+            ["--blocks", "0:15", "--public-name", "beta", "--announce-period", "2"],
+            ["--blocks", "15:30", "--public-name", "gamma", "--announce-period", "20"]], ["alpha", "beta", "gamma"])
         assert check_json(local, schema)[0] == 0  # covered while gamma lives
         gamma.signal(signal.SIGKILL)
         gamma.process.wait(10)

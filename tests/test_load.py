@@ -65,8 +65,8 @@ def test_peer_load_follows_its_passes():
 def test_two_clients_spread_eight_sessions_over_two_replicas_per_span(tmp_path):
     """The default model, so a step's compute outweighs the round trips' noise, as in a real swarm."""
     with LocalSwarm(tmp_path, ["--announce-period", "30"]) as local:
-        replicas = {name: local.add(["--blocks", blocks], name=name)
-                    for name, blocks in (("left-1", "0:15"), ("left-2", "0:15"), ("right-1", "15:30"), ("right-2", "15:30"))}
+        names = ["left-1", "left-2", "right-1", "right-2"]
+        replicas = dict(zip(names, local.add_together([["--blocks", "0:15"]] * 2 + [["--blocks", "15:30"]] * 2, names)))
         time.sleep(RECHECK_SECONDS + 3)  # the first peers follow their share of the cores and announce its throughput
         clients = [DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=local.initial_peers,
                                                                verify="off")  # spot checks' sessions would count

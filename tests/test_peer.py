@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from client import loop
-from swarm.local_swarm import LocalSwarm, launch_peer, start_peer
+from swarm.local_swarm import LocalSwarm, free_port, launch_peer, new_identity, start_peer, wait_ready
 from swarm import protocol
 from swarm.dht import SwarmDHT
 from swarm.protocol import ErrorReply, ForwardRequest, Opened, OpenSession, Step, StepResult
@@ -20,6 +20,7 @@ from swarm.records import PeerState
 from swarm.reference import resolve_model
 from swarm.span import Span
 from tests.rpc_helpers import RawStream, forward, info
+from tests.tiny_models import NUM_LAYERS
 
 pytestmark = pytest.mark.slow  # starts peer processes
 
@@ -33,8 +34,8 @@ FLOAT32_SUMS = {"atol": 1e-4, "rtol": 3e-5}
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     with LocalSwarm(tmp_path_factory.mktemp("peers"), ["--announce-period", "2"]) as local:
-        local.add(["--blocks", "0:10", "--public-name", "first", "--max-cache-tokens", "4096"])
-        local.add(["--blocks", "10:30", "--public-name", "second"])
+        local.add_together([["--blocks", "0:10", "--public-name", "first", "--max-cache-tokens", "4096"],
+                            ["--blocks", "10:30", "--public-name", "second"]])
         yield local
 
 
@@ -339,3 +340,27 @@ def test_cli_errors(tmp_path):
     assert result.returncode == 2 and "blocks" in result.stderr
     result = run("--new-swarm", "--blocks", "25:31")
     assert result.returncode == 1 and "out of range" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_peer_started_before_its_initial_peer_keeps_trying_with_join_timeout(tiny_llama, tmp_path):
+    """Peers started together (LocalSwarm.add_together, a compose file) need not wait for their entry point:
+    with --join-timeout a peer keeps trying it and joins once it answers; without, one try and a clear error."""
+    identity, port = tmp_path / "first.key", free_port()
+    entry = f"/ip4/127.0.0.1/tcp/{port}/p2p/{new_identity(identity)}"
+    common = ["--model", str(tiny_llama), "--initial-peers", entry]
+    joiner = launch_peer([*common, "--join-timeout", "120", "--blocks", f"2:{NUM_LAYERS}"], tmp_path, "joiner")
+    impatient = launch_peer([*common, "--blocks", "0:2"], tmp_path, "impatient")
+    first = None
+    try:
+        assert impatient.process.wait(120) == 1
+        error = impatient.log.read_text()
+        assert f"cannot start the p2p daemon or reach {entry}" in " ".join(error.split()) and "Traceback" not in error
+        wait_for(lambda: "--join-timeout" in joiner.log.read_text(), 60, "the joiner did not say it tries again")
+        first = start_peer(["--new-swarm", "--model", str(tiny_llama), "--port", str(port), "--identity", str(identity),
+                            "--blocks", "0:2"], tmp_path, "first")
+        wait_ready(joiner, "joiner", timeout=60)
+        assert f"checked by {first.peer_id[-8:]}" in " ".join(joiner.log.read_text().split())
+    finally:
+        for peer in (joiner, impatient, first):
+            if peer is not None:
+                peer.stop()

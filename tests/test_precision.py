@@ -51,8 +51,7 @@ def span_greedy(span: Span, parts: ClientParts, ids: torch.Tensor) -> list[int]:
 def two_peer_tokens(tmp_path, peer_args: list[str], **client) -> list[list[int]]:
     """Greedy tokens of each prompt through two real peers (0:15, 15:30) started with `peer_args`."""
     with LocalSwarm(tmp_path, peer_args) as local:
-        local.add(["--blocks", "0:15"])
-        local.add(["--blocks", "15:30"])
+        local.add_together([["--blocks", "0:15"], ["--blocks", "15:30"]])
         model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=local.initial_peers, **client)
         return [tokens_of(model, ids) for ids in PROMPT_IDS]
 
@@ -78,8 +77,8 @@ def test_a_quantized_swarm_gives_the_tokens_of_our_quantized_span_in_one_process
 def test_a_client_requiring_a_precision_routes_only_through_peers_in_it(tmp_path):
     ids = PROMPT_IDS[0]
     with LocalSwarm(tmp_path) as local:
-        plain = local.add(["--blocks", "0:30"], name="float32")
-        quantized = local.add(["--blocks", "0:30", "--quant", "int4"], name="int4")
+        plain, quantized = local.add_together([["--blocks", "0:30"], ["--blocks", "0:30", "--quant", "int4"]],
+                                              ["float32", "int4"])
         for quant, peer in (("int4", quantized), ("none", plain)):
             model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=local.initial_peers,
                                                                 quant=quant)

@@ -34,8 +34,7 @@ def test_a_peer_moving_into_a_gap_keeps_a_running_generation_exact(tmp_path):
     want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
     del reference
     with LocalSwarm(tmp_path, ["--announce-period", "2"]) as local:
-        local.add(["--blocks", "0:15"], name="first-half")
-        second = local.add(["--blocks", "15:30"], name="second-half")
+        _, second = local.add_together([["--blocks", "0:15"], ["--blocks", "15:30"]], ["first-half", "second-half"])
         time.sleep(RECHECK_SECONDS + 3)  # both halves on their share of the cores, announcing its throughput
         model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=local.initial_peers,
                                                             route_timeout=60)

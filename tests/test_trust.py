@@ -55,8 +55,7 @@ def test_forged_records_hide_no_peer_and_add_no_blocks(tiny_llama, tiny_referenc
     ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(5))
     expected = greedy_tokens(tiny_reference("llama"), ids, 10)
     with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3"]) as local:
-        first = local.add(["--blocks", "0:2"])
-        second = local.add(["--blocks", f"2:{NUM_LAYERS}"])
+        first, second = local.add_together([["--blocks", "0:2"], ["--blocks", f"2:{NUM_LAYERS}"]])
         # "the second peer left", and "the first peer serves every block, fast"
         loop.run(forge(local.initial_peers, model.dht_prefix, {
             second.peer_id: (PeerState.offline, 2, NUM_LAYERS), first.peer_id: (PeerState.online, 0, NUM_LAYERS)}))
@@ -121,7 +120,7 @@ def test_a_private_swarm_admits_its_members_only(tiny_llama, tiny_reference, tmp
     ids = torch.randint(1, VOCAB_SIZE, (1, 8), generator=torch.Generator().manual_seed(6))
     expected = greedy_tokens(tiny_reference("llama"), ids, 10)
     with LocalSwarm(tmp_path, ["--model", str(tiny_llama), "--announce-period", "3", "--swarm-key", str(key)]) as local:
-        members = {local.add(["--blocks", "0:2"]).peer_id, local.add(["--blocks", f"2:{NUM_LAYERS}"]).peer_id}
+        members = {peer.peer_id for peer in local.add_together([["--blocks", "0:2"], ["--blocks", f"2:{NUM_LAYERS}"]])}
         outsider_peer = subprocess.run(
             [sys.executable, "-m", "peer.cli", "--model", str(tiny_llama), "--blocks", f"0:{NUM_LAYERS}",
              "--initial-peers", local.initial_peers[0]], capture_output=True, text=True, timeout=120)
@@ -175,9 +174,7 @@ def test_a_lying_peer_is_caught_and_routed_around(default_reference, default_tok
     lying_step = lie_from - prompt + 1  # step 0 is the prompt; step k sends position prompt + k - 1
     expected = greedy_tokens(default_reference, ids, new)
     with LocalSwarm(tmp_path, ["--dtype", "float32", "--announce-period", "3"]) as local:
-        for _ in range(2):
-            local.add(["--blocks", "0:15"])
-            local.add(["--blocks", "15:30"])
+        local.add_together([["--blocks", "0:15"], ["--blocks", "15:30"]] * 2)
         liar = local.add(["--blocks", "15:30"], module="tests.lying_peer", env={"LIE_FROM": str(lie_from)}).peer_id
         for verify in ("off", "strict", "strict", "spot"):  # strict twice: its rebuilt hop may be on either honest peer
             model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=local.initial_peers,
