@@ -11,6 +11,9 @@ from swarm.records import BlockAnnouncement
 from swarm.errors import RouteError
 
 DEFAULT_RTT = 0.05  # seconds assumed for a peer whose round trip we could not measure yet
+# Round trips count from this many seconds up: below it a ping times the peer's busy event loop more than
+# the network, and must not send every session of a client to the replica that answered in a quiet moment.
+RTT_FLOOR = 0.01
 JITTER = 0.1  # routes within ~10% of the best cost are chosen at random, to spread load
 # How much one more open session slows a peer's steps: 8 sessions share passes at about 4x one
 # session's throughput (docs/performance.md), so each session's step takes about 2x: 1 + 8 x 0.125.
@@ -55,7 +58,7 @@ def build_route(
         (
             peer_id,
             record.announcement,
-            rtts.get(peer_id, DEFAULT_RTT) * (1 + JITTER * rng.random()),
+            max(rtts.get(peer_id, DEFAULT_RTT), RTT_FLOOR) * (1 + JITTER * rng.random()),
             step_seconds(record.announcement, placed.get(peer_id, 0)) / (1 + JITTER * rng.random()),
         )
         for peer_id, record in peers.items()

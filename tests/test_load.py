@@ -50,6 +50,18 @@ def test_sessions_a_client_places_spread_before_records_show_them():
     assert 3 <= placed["a"] <= 5
 
 
+def test_round_trips_under_the_floor_do_not_outweigh_placed_sessions():
+    """Pings of 1 and 7 ms on one host measure busy event loops; 10 and 60 ms are a real distance."""
+    peers = {"a": replica(throughput=1000), "b": replica(throughput=1000)}  # a placed session adds 3.75 ms
+    records = {name: PeerRecord(name, record, 0.0) for name, record in peers.items()}
+    for rtts, expected in (({"a": 0.001, "b": 0.007}, 2), ({"a": 0.010, "b": 0.060}, 4)):
+        placed: Counter = Counter()
+        for seed in range(4):
+            (hop,) = build_route(30, records, rtts, rng=random.Random(seed), placed=placed)
+            placed[hop.peer_id] += 1
+        assert placed["a"] == expected, (rtts, placed)
+
+
 def test_peer_load_follows_its_passes():
     load = PeerLoad()
     assert load.step_seconds() is None and load.alone_throughput() is None
@@ -90,8 +102,10 @@ def test_two_clients_spread_eight_sessions_over_two_replicas_per_span(tmp_path):
         try:
             opened.wait(120)
             counts = Counter(peer_id for route in routes for peer_id in route)
+            seen = {name: [(c.view._rtt.get(p.peer_id), c.view.record_of(p.peer_id)) for c in clients]
+                    for name, p in replicas.items()}  # each client's round trip and record of the peer
             for name, peer in replicas.items():
-                assert 0.3 <= counts[peer.peer_id] / 8 <= 0.7, (name, counts, routes)
+                assert 0.3 <= counts[peer.peer_id] / 8 <= 0.7, (name, counts[peer.peer_id], seen)
             # the peers re-announced their load without waiting for the 30 s period
             deadline = time.monotonic() + 10
             while True:
