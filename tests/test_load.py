@@ -30,6 +30,16 @@ def chosen(peers: dict[str, BlockAnnouncement], routes: int = 300, placed: dict[
                    for seed in range(routes))
 
 
+def placed_one_by_one(peers: dict[str, BlockAnnouncement], rtts: dict[str, float], sessions: int) -> Counter:
+    """Where one client puts `sessions` sessions opened in a row, each counting those it placed before."""
+    records = {name: PeerRecord(name, record, 0.0) for name, record in peers.items()}
+    placed: Counter = Counter()
+    for seed in range(sessions):
+        (hop,) = build_route(30, records, rtts, rng=random.Random(seed), placed=placed)
+        placed[hop.peer_id] += 1
+    return placed
+
+
 def test_a_slowed_replica_gets_fewer_new_sessions():
     alike = chosen({"a": replica(), "b": replica()})
     assert 0.3 < alike["a"] / 300 < 0.7  # the jitter spreads equal replicas
@@ -41,24 +51,15 @@ def test_a_slowed_replica_gets_fewer_new_sessions():
 
 
 def test_sessions_a_client_places_spread_before_records_show_them():
-    peers = {"a": replica(), "b": replica()}
-    records = {name: PeerRecord(name, record, 0.0) for name, record in peers.items()}
-    placed: Counter = Counter()
-    for seed in range(8):
-        (hop,) = build_route(30, records, dict.fromkeys(peers, 0.005), rng=random.Random(seed), placed=placed)
-        placed[hop.peer_id] += 1
+    placed = placed_one_by_one({"a": replica(), "b": replica()}, {"a": 0.005, "b": 0.005}, 8)
     assert 3 <= placed["a"] <= 5
 
 
 def test_round_trips_under_the_floor_do_not_outweigh_placed_sessions():
     """Pings of 1 and 7 ms on one host measure busy event loops; 10 and 60 ms are a real distance."""
     peers = {"a": replica(throughput=1000), "b": replica(throughput=1000)}  # a placed session adds 3.75 ms
-    records = {name: PeerRecord(name, record, 0.0) for name, record in peers.items()}
     for rtts, expected in (({"a": 0.001, "b": 0.007}, 2), ({"a": 0.010, "b": 0.060}, 4)):
-        placed: Counter = Counter()
-        for seed in range(4):
-            (hop,) = build_route(30, records, rtts, rng=random.Random(seed), placed=placed)
-            placed[hop.peer_id] += 1
+        placed = placed_one_by_one(peers, rtts, 4)
         assert placed["a"] == expected, (rtts, placed)
 
 
